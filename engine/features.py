@@ -1,0 +1,124 @@
+"""FeatureExtractor: the VGG16 conv stack run once per batch, on the CPU, in fp32 or bf16."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.pooling import pool
+from engine.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+DEFAULT_IMAGE_SIZE = 224
+BF16_MIN_COSINE = 0.999
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """Fit the image inside size x size keeping its aspect, pad with white, normalise: (3, size, size).
+
+    Padding instead of squashing keeps a shoe's proportions; catalog photos are shot on white.
+    """
+    image = image.convert("RGB")
+    scale = size / max(image.width, image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    arr = np.asarray(canvas, dtype=np.float32) / 255.0
+    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def check_image(size: int) -> Image.Image:
+    """A fixed synthetic image (gradients and a block) for the bf16 accuracy check."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rgb = np.stack([x, y, (x + y) / 2], axis=-1) * 255
+    rgb[size // 4 : size // 2, size // 3 : 2 * size // 3] = (200, 30, 30)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+class FeatureExtractor:
+    """Loads the conv part of VGG16 once; thread-safe (model calls are serialised by a lock)."""
+
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        precision: str = "auto",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = load_weights(weights)
+        # The last block's final 2x2 max-pool is dropped: pooling works on the finer 14x14 map.
+        self.model = loaded.features[:-1].eval().to(memory_format=torch.channels_last)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.weights_id = loaded.weights_id
+        self.arch = loaded.arch
+        self.image_size = image_size
+        self._lock = threading.Lock()
+        self.precision = self._resolve_precision(precision)
+
+    def _resolve_precision(self, requested: str) -> str:
+        if requested == "fp32":
+            return "fp32"
+        if requested == "bf16":
+            return "bf16"
+        if not cpu_has_native_bf16():
+            return "fp32"
+        batch = torch.from_numpy(preprocess(check_image(self.image_size), self.image_size))[None]
+        ref = self._forward(batch, "fp32").flatten()
+        low = self._forward(batch, "bf16").flatten()
+        cosine = float(torch.nn.functional.cosine_similarity(ref, low, dim=0))
+        if cosine < BF16_MIN_COSINE:
+            log.warning("bf16 features drift from fp32 (cosine %.5f); using fp32", cosine)
+            return "fp32"
+        return "bf16"
+
+    def _forward(self, batch: torch.Tensor, precision: str) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            self._lock,
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"),
+        ):
+            out = self.model(batch)
+        return out.float()
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return preprocess(image, self.image_size)
+
+    def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of the last conv block."""
+        return self._forward(torch.from_numpy(np.stack(arrays)), self.precision)
+
+    def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.conv_maps_from_arrays([self.preprocess(im) for im in images])
+
+    def embed(self, images: Sequence[Image.Image], pooling: str) -> np.ndarray:
+        """(N, 512) float32 L2-normalised vectors."""
+        return pool(self.conv_maps(images), pooling)
+
+    def embed_arrays(self, arrays: Sequence[np.ndarray], pooling: str) -> np.ndarray:
+        return pool(self.conv_maps_from_arrays(arrays), pooling)

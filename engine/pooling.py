@@ -1,0 +1,127 @@
+"""Pure functions that turn VGG16 conv feature maps into compact, comparable vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+POOLINGS = ("max", "avg", "gem", "rmac")
+GEM_P = 3.0
+
+
+def l2n(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """L2-normalise rows, so cosine similarity is a dot product."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def max_pool(maps: torch.Tensor) -> torch.Tensor:
+    return maps.amax(dim=(2, 3))
+
+
+def avg_pool(maps: torch.Tensor) -> torch.Tensor:
+    return maps.mean(dim=(2, 3))
+
+
+def gem_pool(maps: torch.Tensor, p: float = GEM_P, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised mean: p=1 is average, p->inf is max; p=3 is the usual retrieval choice."""
+    return maps.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
+    """R-MAC square regions (y, x, size, size) at `levels` scales with ~40% overlap (Tolias et al.)."""
+    regions = []
+    short = min(h, w)
+    for level in range(1, levels + 1):
+        size = max(1, int(2 * short / (level + 1)))
+        steps_y = max(1, round((h - size) / size * 2.5) + 1) if h > size else 1
+        steps_x = max(1, round((w - size) / size * 2.5) + 1) if w > size else 1
+        for iy in range(steps_y):
+            y = 0 if steps_y == 1 else round(iy * (h - size) / (steps_y - 1))
+            for ix in range(steps_x):
+                x = 0 if steps_x == 1 else round(ix * (w - size) / (steps_x - 1))
+                regions.append((y, x, size, size))
+    return regions
+
+
+def rmac_pool(maps: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """Sum of L2-normalised max-pooled regions (without the per-region PCA of the paper)."""
+    _, _, h, w = maps.shape
+    total = torch.zeros(maps.shape[0], maps.shape[1], dtype=maps.dtype)
+    for y, x, sh, sw in rmac_regions(h, w, levels):
+        region = maps[:, :, y : y + sh, x : x + sw].amax(dim=(2, 3))
+        total += F.normalize(region, dim=1)
+    return total
+
+
+def pool(maps: torch.Tensor, method: str) -> np.ndarray:
+    """(N, C, H, W) conv maps -> (N, C) float32 L2-normalised vectors."""
+    maps = maps.float()
+    if method == "max":
+        pooled = max_pool(maps)
+    elif method == "avg":
+        pooled = avg_pool(maps)
+    elif method == "gem":
+        pooled = gem_pool(maps)
+    elif method == "rmac":
+        pooled = rmac_pool(maps)
+    else:
+        raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
+    return l2n(_to_numpy(pooled))
+
+
+def raw_flat(maps: torch.Tensor) -> np.ndarray:
+    """The seed article's vector: VGG16 conv output after its last 2x2 max-pool, flattened, not normalised."""
+    return _to_numpy(F.max_pool2d(maps.float(), 2).flatten(1))
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """PCA whitening fitted on the catalog's own vectors (Jégou & Chum): centre, rotate, rescale."""
+
+    mean: np.ndarray  # (D,)
+    projection: np.ndarray  # (D, dims)
+
+    @property
+    def dims(self) -> int:
+        return int(self.projection.shape[1])
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, dims: int | None = None, shrinkage: float = 0.1) -> Whitening:
+        """Fit on (N, D) L2-normalised vectors.
+
+        `shrinkage` adds a fraction of the mean eigenvalue to every eigenvalue, so that the
+        near-zero directions of a small catalog are not blown up into noise.
+        """
+        x = np.asarray(vectors, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError("whitening needs at least 2 vectors")
+        mean = x.mean(axis=0)
+        centred = x - mean
+        cov = centred.T @ centred / (x.shape[0] - 1)
+        eigvals, eigvecs = np.linalg.eigh(cov)
+        order = np.argsort(eigvals)[::-1]
+        eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+        keep = min(dims or x.shape[1], x.shape[1])
+        eigvals, eigvecs = eigvals[:keep], eigvecs[:, :keep]
+        eigvals = np.maximum(eigvals, 0) + shrinkage * max(float(eigvals.mean()), 1e-12)
+        projection = eigvecs / np.sqrt(eigvals)
+        return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32))
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        return l2n((np.asarray(vectors, dtype=np.float32) - self.mean) @ self.projection)
+
+    def save(self, path) -> None:
+        np.savez(path, mean=self.mean, projection=self.projection)
+
+    @classmethod
+    def load(cls, path) -> Whitening:
+        with np.load(path) as data:
+            return cls(mean=data["mean"], projection=data["projection"])

@@ -1,0 +1,94 @@
+"""Engine settings read from the environment (and a `.env` file), validated once at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import SettingsError
+from engine.pooling import POOLINGS
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
+DEFAULT_POOLING = "gem"
+DEFAULT_WHITENING = False
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    data_dir: Path = Path("vsearch-data")
+    weights: str = "imagenet"  # "imagenet", "random" or a path to a .pth state dict
+    precision: str = "auto"
+    top_k: int = 5
+    catalog: str | None = None
+    pooling: str = DEFAULT_POOLING
+    whitening: bool = DEFAULT_WHITENING
+    image_size: int = 224
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineSettings:
+        env = os.environ if environ is None else environ
+        weights = env.get("VSEARCH_WEIGHTS", "imagenet").strip() or "imagenet"
+        if weights not in ("imagenet", "random") and not Path(weights).is_file():
+            raise SettingsError(
+                "VSEARCH_WEIGHTS",
+                f"{weights!r} is neither 'imagenet', 'random' nor an existing .pth file",
+            )
+        precision = env.get("VSEARCH_PRECISION", "auto").strip().lower() or "auto"
+        if precision not in PRECISIONS:
+            raise SettingsError("VSEARCH_PRECISION", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+        pooling = env.get("VSEARCH_POOLING", DEFAULT_POOLING).strip().lower() or DEFAULT_POOLING
+        if pooling not in POOLINGS:
+            raise SettingsError("VSEARCH_POOLING", f"{pooling!r} is not one of {', '.join(POOLINGS)}")
+        return cls(
+            data_dir=Path(env.get("VSEARCH_DATA_DIR", "").strip() or "vsearch-data"),
+            weights=weights,
+            precision=precision,
+            top_k=parse_int(env, "VSEARCH_TOP_K", 5, low=1, high=50),
+            catalog=env.get("VSEARCH_CATALOG", "").strip() or None,
+            pooling=pooling,
+            whitening=parse_bool(env, "VSEARCH_WHITENING", DEFAULT_WHITENING),
+            image_size=parse_int(env, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
+        )
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, f"{raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise SettingsError(name, f"{value} is outside {low}..{high}")
+    return value
+
+
+def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(name, f"{raw!r} is not a yes/no value (use true or false)")
+
+
+def load_dotenv_file(path: Path = Path(".env")) -> None:
+    """Read `.env` in the working directory; variables already set in the environment win."""
+    if path.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(path, override=False)

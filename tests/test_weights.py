@@ -1,0 +1,67 @@
+"""Weights: seeded random, files (full, features-only, with batch norm), missing ImageNet file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models
+
+from engine.errors import WeightsError
+from engine.features import FeatureExtractor, check_image
+from engine.weights import IMAGENET_FILE, load_weights
+
+
+def test_random_weights_are_identical_on_every_load():
+    a, b = load_weights("random"), load_weights("random")
+    assert a.weights_id == "random:seed0"
+    for pa, pb in zip(a.features.parameters(), b.features.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_full_and_features_only_files_load(tmp_path):
+    full = models.vgg16(weights=None)
+    # A full VGG16 state dict has "features.*" and "classifier.*" keys; a small classifier stand-in
+    # keeps the file small while testing that the classifier is dropped.
+    full_state = {f"features.{k}": v for k, v in full.features.state_dict().items()}
+    full_state["classifier.6.weight"] = torch.zeros(10, 4)
+    torch.save(full_state, tmp_path / "full.pth")
+    torch.save(full.features.state_dict(), tmp_path / "features.pth")
+    a = load_weights(str(tmp_path / "full.pth"))
+    b = load_weights(str(tmp_path / "features.pth"))
+    assert a.arch == b.arch == "vgg16"
+    assert a.weights_id.startswith("file:full.pth:") and len(a.weights_id.split(":")[-1]) == 12
+    assert torch.equal(a.features[0].weight, full.features[0].weight)
+    assert torch.equal(b.features[28].weight, full.features[28].weight)
+
+
+def test_batch_norm_variant_is_recognised(tmp_path):
+    torch.save(models.vgg16_bn(weights=None).features.state_dict(), tmp_path / "bn.pth")
+    assert load_weights(str(tmp_path / "bn.pth")).arch == "vgg16_bn"
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="Cannot read weights file"):
+        load_weights(str(tmp_path / "junk.pth"))
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_weights(str(tmp_path / "other.pth"))
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(str(tmp_path / "missing.pth"))
+
+
+def test_missing_imagenet_file_names_the_file_to_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(WeightsError) as info:
+        load_weights("imagenet", progress=False)
+    text = str(info.value)
+    assert IMAGENET_FILE in text and str(tmp_path / "torch") in text and "VSEARCH_WEIGHTS=random" in text
+
+
+def test_bf16_features_stay_close_to_fp32():
+    fp32 = FeatureExtractor("random", "fp32", image_size=96)
+    bf16 = FeatureExtractor("random", "bf16", image_size=96)
+    img = check_image(200)
+    a, b = fp32.embed([img], "gem")[0], bf16.embed([img], "gem")[0]
+    assert float(a @ b) > 0.999
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"

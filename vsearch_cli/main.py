@@ -144,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     markdown = report.to_markdown()
     print(markdown)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        Path(args.json).write_text(report.to_json(), encoding="utf-8")
     if args.markdown:
         Path(args.markdown).write_text(markdown, encoding="utf-8")
     return EXIT_OK

@@ -140,6 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         category_field=args.category_field,
+        split=args.eval_split,
     )
     markdown = report.to_markdown()
     print(markdown)
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use a seeded sample of N products")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--category-field", default="category", help="field for category precision@5")
+    p.add_argument(
+        "--eval-split",
+        type=float,
+        metavar="FRACTION",
+        help="product-disjoint split: fit whitening on the other products, measure on this share only",
+    )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--markdown", help="also write the markdown table to this file")
     p.set_defaults(func=cmd_eval)

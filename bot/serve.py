@@ -161,7 +161,12 @@ async def start(settings: BotSettings) -> Running:
     running = Running(settings, state, search, admin, core, watcher, runner, app, url, telegram, out)
     say(out, f"Web page and HTTP API: {url}/ (POST {url}/api/search, {url}/healthz, {url}/metrics)")
     if telegram is not None:
-        await telegram.start()
+        try:
+            await telegram.start()
+        except BaseException:
+            running.telegram = None  # a failed start cleans up its own Application
+            await stop(running)
+            raise
         mode = f"webhook {settings.telegram_webhook_url}" if settings.telegram_webhook_url else "long polling"
         say(out, f"Telegram bot: on ({mode})")
     else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -57,8 +58,37 @@ def check_image(size: int) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+class ModelLock:
+    """Serialises model calls; a waiting foreground call (a shopper's search) goes before background
+    work (an index rebuild in the serving process), so searches wait at most one rebuild batch."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._foreground_waiting = 0
+
+    @contextmanager
+    def hold(self, background: bool = False) -> Iterator[None]:
+        with self._cond:
+            if not background:
+                self._foreground_waiting += 1
+            try:
+                while self._busy or (background and self._foreground_waiting):
+                    self._cond.wait()
+            finally:
+                if not background:
+                    self._foreground_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class FeatureExtractor:
-    """Loads the conv part of VGG16 once; thread-safe (model calls are serialised by a lock)."""
+    """Loads the conv part of VGG16 once; thread-safe (model calls are serialised by a ModelLock)."""
 
     def __init__(
         self,
@@ -77,7 +107,7 @@ class FeatureExtractor:
         self.weights_id = loaded.weights_id
         self.arch = loaded.arch
         self.image_size = image_size
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
         self.precision = self._resolve_precision(precision)
 
     def _resolve_precision(self, requested: str) -> str:
@@ -96,10 +126,10 @@ class FeatureExtractor:
             return "fp32"
         return "bf16"
 
-    def _forward(self, batch: torch.Tensor, precision: str) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, precision: str, background: bool = False) -> torch.Tensor:
         batch = batch.contiguous(memory_format=torch.channels_last)
         with (
-            self._lock,
+            self._lock.hold(background),
             torch.inference_mode(),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"),
         ):
@@ -109,9 +139,12 @@ class FeatureExtractor:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image, self.image_size)
 
-    def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of the last conv block."""
-        return self._forward(torch.from_numpy(np.stack(arrays)), self.precision)
+    def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
+        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of the last conv block.
+
+        `background=True` (index builds) lets waiting searches run first.
+        """
+        return self._forward(torch.from_numpy(np.stack(arrays)), self.precision, background)
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.conv_maps_from_arrays([self.preprocess(im) for im in images])
@@ -120,5 +153,5 @@ class FeatureExtractor:
         """(N, 512) float32 L2-normalised vectors."""
         return pool(self.conv_maps(images), pooling)
 
-    def embed_arrays(self, arrays: Sequence[np.ndarray], pooling: str) -> np.ndarray:
-        return pool(self.conv_maps_from_arrays(arrays), pooling)
+    def embed_arrays(self, arrays: Sequence[np.ndarray], pooling: str, background: bool = False) -> np.ndarray:
+        return pool(self.conv_maps_from_arrays(arrays, background), pooling)

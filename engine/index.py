@@ -31,6 +31,7 @@ MANIFEST_VERSION = 1
 KEEP_VERSIONS = 3
 CURRENT_FILE = "CURRENT"
 BUILDING_PREFIX = ".building-"
+BUILDER_PID_FILE = "builder.pid"
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,13 @@ class IndexStore:
         version = new_version_name()
         tmp = self.index_dir / f"{BUILDING_PREFIX}{version}"
         tmp.mkdir(parents=True)
+        (tmp / BUILDER_PID_FILE).write_text(str(os.getpid()), encoding="ascii")
         return version, tmp
 
     def publish(self, version: str, tmp: Path) -> None:
         """Move a finished build into place, then point CURRENT at it in one atomic rename."""
         final = self.index_dir / version
+        (tmp / BUILDER_PID_FILE).unlink(missing_ok=True)
         os.replace(tmp, final)
         _fsync_dir(final)
         pointer_tmp = self.index_dir / f".{CURRENT_FILE}.{secrets.token_hex(4)}"
@@ -145,9 +148,9 @@ class IndexStore:
         doomed = [v for v in versions[:-keep] if v != current] if len(versions) > keep else []
         for version in doomed:
             shutil.rmtree(self.index_dir / version, ignore_errors=True)
-        for stale in self.index_dir.glob(f"{BUILDING_PREFIX}*"):
-            if time.time() - stale.stat().st_mtime > 24 * 3600:
-                shutil.rmtree(stale, ignore_errors=True)
+        for folder in self.index_dir.glob(f"{BUILDING_PREFIX}*"):
+            if _build_is_abandoned(folder):
+                shutil.rmtree(folder, ignore_errors=True)
         return doomed
 
     def load(self, version: str | None = None) -> LoadedIndex:
@@ -200,6 +203,25 @@ def write_version_files(
     if whitening is not None:
         whitening.save(folder / "whitening.npz")
     (folder / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2), encoding="utf-8")
+
+
+def _build_is_abandoned(folder: Path) -> bool:
+    """A build folder whose builder process is gone (killed, crashed), or older than a day."""
+    try:
+        pid = int((folder / BUILDER_PID_FILE).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        pid = None
+    if pid is not None and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    try:
+        return time.time() - folder.stat().st_mtime > 24 * 3600
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

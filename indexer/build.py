@@ -106,7 +106,7 @@ def embed_catalog_images(
             except ImageRejected as exc:
                 failures[i] = f"{exc.reason}: {exc.message}"
         if ready:
-            out = extractor.embed_arrays([arr for _, _, arr in ready], pooling)
+            out = extractor.embed_arrays([arr for _, _, arr in ready], pooling, background=True)
             for (i, _, _), vec in zip(ready, out, strict=True):
                 vectors[i] = vec
             if cache is not None:

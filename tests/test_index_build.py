@@ -80,7 +80,8 @@ def test_reader_during_switch_always_sees_a_whole_index(demo_catalog, engine_set
     thread.start()
     try:
         for _ in range(3):
-            build_index(demo_catalog, engine_settings, extractor=extractor)
+            # Without the cache each build runs the model, so the reader gets turns in between.
+            build_index(demo_catalog, engine_settings, extractor=extractor, use_cache=False)
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -137,3 +138,46 @@ def test_products_json_keeps_metadata(demo_catalog, engine_settings, extractor):
     assert first["url"] == "https://demo-shop.example/products/demo-001"
     assert first["price"] == "29.90" and first["currency"] == "EUR" and first["brand"] == "Demo"
     assert Path(first["image"]).is_file()
+
+
+def test_prune_removes_folders_of_dead_builders_only(tmp_path):
+    import os
+    import subprocess
+
+    store = IndexStore(tmp_path / "index")
+    _, mine = store.start_build()  # this process is alive: kept
+    child = subprocess.Popen(["true"])  # once reaped, its pid names no live process
+    child.wait()
+    _, dead = store.start_build()
+    (dead / "builder.pid").write_text(str(child.pid))
+    store.prune()
+    assert mine.is_dir() and not dead.exists()
+    assert os.getpid() == int((mine / "builder.pid").read_text())
+
+
+def test_waiting_search_goes_before_background_batches():
+    import time
+
+    from engine.features import ModelLock
+
+    lock = ModelLock()
+    order: list[str] = []
+    started = threading.Event()
+
+    def run(name: str, background: bool, hold_s: float = 0.0) -> None:
+        with lock.hold(background):
+            order.append(name)
+            started.set()
+            time.sleep(hold_s)
+
+    first = threading.Thread(target=run, args=("build-1", True, 0.3))
+    first.start()
+    started.wait()
+    second = threading.Thread(target=run, args=("build-2", True))
+    second.start()
+    time.sleep(0.05)
+    search = threading.Thread(target=run, args=("search", False))
+    search.start()
+    for t in (first, second, search):
+        t.join(timeout=10)
+    assert order == ["build-1", "search", "build-2"]

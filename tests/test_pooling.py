@@ -34,7 +34,7 @@ def test_rmac_regions_cover_the_map():
     regions = rmac_regions(14, 14)
     covered = np.zeros((14, 14), bool)
     for y, x, h, w in regions:
-        assert 0 <= y and y + h <= 14 and 0 <= x and x + w <= 14
+        assert y >= 0 and y + h <= 14 and x >= 0 and x + w <= 14
         covered[y : y + h, x : x + w] = True
     assert covered.all() and len(regions) > 3
 

@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, VsearchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # e.g. a full disk under VSEARCH_DATA_DIR
+        print(f"error: could not read or write a file: {exc}. Free disk space or fix the path, then run it again.",
+              file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

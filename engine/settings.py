@@ -12,8 +12,8 @@ from engine.pooling import POOLINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
-DEFAULT_POOLING = "gem"
-DEFAULT_WHITENING = False
+DEFAULT_POOLING = "avg"
+DEFAULT_WHITENING = True
 
 
 @dataclass(frozen=True)

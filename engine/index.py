@@ -119,7 +119,11 @@ class IndexStore:
         version = new_version_name()
         tmp = self.index_dir / f"{BUILDING_PREFIX}{version}"
         tmp.mkdir(parents=True)
-        (tmp / BUILDER_PID_FILE).write_text(str(os.getpid()), encoding="ascii")
+        try:
+            (tmp / BUILDER_PID_FILE).write_text(str(os.getpid()), encoding="ascii")
+        except OSError:
+            self.abandon(tmp)
+            raise
         return version, tmp
 
     def publish(self, version: str, tmp: Path) -> None:

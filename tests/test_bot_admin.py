@@ -33,9 +33,9 @@ class SlowExtractor:
         self._extractor = extractor
         self._delay = delay
 
-    def embed_arrays(self, arrays, pooling):
+    def embed_arrays(self, arrays, pooling, **kwargs):
         time.sleep(self._delay)
-        return self._extractor.embed_arrays(arrays, pooling)
+        return self._extractor.embed_arrays(arrays, pooling, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._extractor, name)

@@ -44,8 +44,8 @@ import indexer.build as build
 mode, catalog = sys.argv[1], sys.argv[2]
 if mode == "embedding":
     embed = build.FeatureExtractor.embed_arrays
-    def slow_embed(self, arrays, pooling):
-        out = embed(self, arrays, pooling)
+    def slow_embed(self, arrays, pooling, **kwargs):
+        out = embed(self, arrays, pooling, **kwargs)
         print("BATCH", flush=True)
         return out
     build.FeatureExtractor.embed_arrays = slow_embed
@@ -180,10 +180,10 @@ def test_write_error_keeps_current_and_removes_the_build_folder(demo_catalog, en
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A 2 MB tmpfs (needs root / CAP_SYS_ADMIN; skipped otherwise)."""
+    """An 8 MB tmpfs (needs root / CAP_SYS_ADMIN; skipped otherwise)."""
     mount_point = tmp_path / "tmpfs"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); the write-error test covers it")

@@ -123,8 +123,7 @@ async def start(settings: BotSettings) -> Running:
         from engine.search import Searcher
 
         engine = settings.engine
-        extractor = await asyncio.to_thread(FeatureExtractor, engine.weights, engine.precision,
-                                            image_size=engine.image_size)
+        extractor = await asyncio.to_thread(FeatureExtractor.from_settings, engine)
         say(out, f"Model: VGG16 ({extractor.weights_id}, {extractor.precision}, {engine.image_size} px)")
         await ensure_index(settings, out, extractor)
         searcher = await asyncio.to_thread(Searcher, engine, extractor)

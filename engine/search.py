@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Annoy nodes inspected per query; bench shows recall@10 against brute force at this setting.
 SEARCH_K_PER_ITEM = 100
-MIN_SEARCH_K = 5000
+MIN_SEARCH_K = 7500
 
 
 def check_compatible(index: LoadedIndex, extractor: FeatureExtractor, pooling: str) -> None:
@@ -44,9 +44,7 @@ class Searcher:
 
     def __init__(self, settings: EngineSettings, extractor: FeatureExtractor | None = None) -> None:
         self.settings = settings
-        self.extractor = extractor or FeatureExtractor(
-            settings.weights, settings.precision, image_size=settings.image_size
-        )
+        self.extractor = extractor or FeatureExtractor.from_settings(settings)
         self.store = IndexStore(settings.index_dir)
         self._index: LoadedIndex | None = None
         self._swap_lock = threading.Lock()

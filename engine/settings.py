@@ -26,6 +26,7 @@ class EngineSettings:
     pooling: str = DEFAULT_POOLING
     whitening: bool = DEFAULT_WHITENING
     image_size: int = 224
+    threads: int = 0  # 0 = auto: all cores but one (see FeatureExtractor)
 
     @property
     def index_dir(self) -> Path:
@@ -59,6 +60,7 @@ class EngineSettings:
             pooling=pooling,
             whitening=parse_bool(env, "VSEARCH_WHITENING", DEFAULT_WHITENING),
             image_size=parse_int(env, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
+            threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
         )
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
 from engine.errors import WeightsError
 
@@ -19,6 +18,8 @@ log = logging.getLogger(__name__)
 IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 IMAGENET_FILE = "vgg16-397923af.pth"
 RANDOM_SEED = 0
+# torchvision's configuration "D": channels per 3x3 conv, "M" a 2x2 max-pool.
+VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def vgg16_features(batch_norm: bool = False) -> nn.Sequential:
+    """torchvision's VGG16 (or VGG16-BN) `features`, layer for layer with the same state-dict keys.
+
+    Built here rather than through torchvision, so that the classifier (~120M parameters, ~500 MB)
+    is never allocated and torchvision is never imported by a serving process.
+    """
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(channels, int(item), kernel_size=3, padding=1)
+        layers += [conv, nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)] if batch_norm else [conv, nn.ReLU(inplace=True)]
+        channels = int(item)
+    return nn.Sequential(*layers)
+
+
+def random_features(arch: str = "vgg16", seed: int = RANDOM_SEED) -> nn.Sequential:
+    """Seeded random init as torchvision's VGG does it (Kaiming normal, fan-out), identical on every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = vgg16_features(batch_norm=arch == "vgg16_bn")
+        for module in features.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+    return features
+
+
 def _features_for(arch: str) -> nn.Sequential:
-    builder = models.vgg16_bn if arch == "vgg16_bn" else models.vgg16
-    return builder(weights=None).features
+    return vgg16_features(batch_norm=arch == "vgg16_bn")
 
 
 def _features_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,10 +139,7 @@ def load_weights(spec: str, progress: bool = True) -> LoadedWeights:
     """`spec` is "imagenet", "random" or a path to a .pth state dict (full VGG16, features only, or VGG16-BN)."""
     if spec == "random":
         log.warning("VSEARCH_WEIGHTS=random: seeded random VGG16 weights; search results are not meaningful")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            features = _features_for("vgg16")
-        return LoadedWeights(features=features, weights_id=f"random:seed{RANDOM_SEED}", arch="vgg16")
+        return LoadedWeights(features=random_features("vgg16"), weights_id=f"random:seed{RANDOM_SEED}", arch="vgg16")
     if spec == "imagenet":
         path = ensure_imagenet_file(progress)
         features, arch = _build(_features_state(_load_state_file(path)), str(path))

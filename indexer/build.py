@@ -154,7 +154,7 @@ def build_index(
     """
     start = time.perf_counter()
     catalog: Catalog = read_catalog(catalog_path, column_map=column_map, default_url_template=url_template)
-    extractor = extractor or FeatureExtractor(settings.weights, settings.precision, image_size=settings.image_size)
+    extractor = extractor or FeatureExtractor.from_settings(settings)
     pooling = settings.pooling
     cache = None
     if use_cache:

@@ -65,3 +65,13 @@ def test_bf16_features_stay_close_to_fp32():
     a, b = fp32.embed([img], "gem")[0], bf16.embed([img], "gem")[0]
     assert float(a @ b) > 0.999
     assert fp32.precision == "fp32" and bf16.precision == "bf16"
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_conv_stack_matches_torchvision_layer_for_layer(batch_norm):
+    from engine.weights import vgg16_features
+
+    ours = vgg16_features(batch_norm=batch_norm)
+    theirs = (models.vgg16_bn if batch_norm else models.vgg16)(weights=None).features
+    assert [type(m) for m in ours] == [type(m) for m in theirs]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

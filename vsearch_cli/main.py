@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from indexer.catalog import parse_column_map
 
     settings = _settings()
-    extractor = FeatureExtractor(settings.weights, settings.precision, image_size=settings.image_size)
+    extractor = FeatureExtractor.from_settings(settings)
     report = run_eval(
         args.catalog,
         extractor=extractor,
@@ -155,6 +155,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import run_bench
 
     return run_bench(args)
+
+
+TRAIN_HELP = (
+    "Fine-tune the VGG16 conv stack on the catalog's images: each product is its own class, augmented "
+    "phone-photo-like copies are the positives. Writes weights.pth and a model card; use them with "
+    "VSEARCH_WEIGHTS=path."
+)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.train import run_train
+
+    return run_train(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "train", help="fine-tune VGG16 on the catalog's own images (README: Training)", description=TRAIN_HELP
+    )
+    from engine.train import add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="run the chat channels, HTTP API and web page")
     p.set_defaults(func=cmd_serve)

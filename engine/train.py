@@ -1,0 +1,661 @@
+"""`vsearch train`: fine-tune the VGG16 conv stack on a catalog's own images, each product its own class."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import models
+from tqdm import tqdm
+
+from engine.augment import TRAIN_PARAMS, clean_crop, photo_like
+from engine.errors import CatalogError, ImageRejected, VsearchError, WeightsError
+from engine.evaluate import PLACEHOLDER_URL, run_eval, sample_products, split_products
+from engine.features import cpu_has_native_bf16, preprocess
+from engine.images import load_image_file
+from engine.pooling import gem_pool
+from engine.weights import load_weights
+from indexer.catalog import Catalog, parse_column_map, read_catalog
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("vgg16", "vgg16_bn")
+CHECKPOINT = "checkpoint.pth"
+WEIGHTS = "weights.pth"
+CARD = "weights.json"
+SPLIT = "split.json"
+VAL_CATALOG = "val_catalog.csv"
+CARD_FORMAT = 1
+CLEAN_ANCHOR_SHARE = 0.5  # anchors: half the catalog image as the index sees it, half a mild clean crop
+CLUTTER_SHARE = 0.8  # positives: phone-photo-like, most of them pasted on a cluttered background
+WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `vsearch train` needs; `minutes` bounds the whole run (decoding and validation included)."""
+
+    catalog: Path
+    out: Path
+    weights: str = "imagenet"  # the starting point: VSEARCH_WEIGHTS ("imagenet", "random" or a .pth path)
+    epochs: int = 20
+    minutes: float | None = None
+    image_size: int = 112
+    batch_size: int = 32
+    arch: str = "auto"  # "auto": vgg16_bn from random init (plain VGG16 does not train from scratch), else the start's
+    eval_fraction: float = 0.2
+    seed: int = 0
+    column_map: Mapping[str, str] | None = None
+    workers: int = 1
+    resume: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    val_limit: int | None = 200  # eval products used by the per-epoch validation (None: all)
+    val_image_size: int | None = None  # None: the training size
+    cache_mb: int = 1024
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.minutes is None or self.minutes > 0, f"--minutes must be positive, got {self.minutes}"),
+            (32 <= self.image_size <= 1024, f"--image-size must lie in 32..1024, got {self.image_size}"),
+            (self.batch_size >= 2, f"--batch-size must be at least 2 (contrastive loss), got {self.batch_size}"),
+            (self.arch in ARCHS + ("auto",), f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
+            (0 < self.eval_fraction < 1, f"--eval-fraction must lie strictly between 0 and 1, got {self.eval_fraction}"),
+            (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
+            (self.val_limit is None or self.val_limit >= 2, f"--val-limit must be at least 2, got {self.val_limit}"),
+            (self.cache_mb >= 0, f"--cache-mb must be 0 or more, got {self.cache_mb}"),
+            (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VsearchError(message, "Run `vsearch train --help` for the accepted values.")
+
+
+# ---------------------------------------------------------------- model and loss
+
+
+class Embedder(nn.Module):
+    """The index's vector: VGG16 conv stack without its last max-pool, GeM (p=3), L2-normalised."""
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features  # kept whole so its state dict is torchvision's `features` layout
+
+    def conv_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[:-1](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(gem_pool(self.conv_maps(x).float()), dim=1)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss over two views: row i of `a` and row i of `b` are positives, every other row a negative."""
+    n = a.shape[0]
+    z = torch.cat([a, b]).float()
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+def build_features(weights: str, arch: str, seed: int) -> tuple[nn.Sequential, str, str]:
+    """The starting conv stack: (features, arch, start id). Random init is seeded and defaults to VGG16-BN."""
+    if weights == "random":
+        arch = "vgg16_bn" if arch == "auto" else arch
+        builder = models.vgg16_bn if arch == "vgg16_bn" else models.vgg16
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            features = builder(weights=None).features
+        return features, arch, f"random:{arch}:seed{seed}"
+    loaded = load_weights(weights)
+    if arch not in ("auto", loaded.arch):
+        raise WeightsError(
+            f"VSEARCH_WEIGHTS={weights} is a {loaded.arch} conv stack; --arch {arch} cannot start from it.",
+            f"Drop --arch (or pass --arch {loaded.arch}), or start from VSEARCH_WEIGHTS=random.",
+        )
+    return loaded.features, loaded.arch, loaded.weights_id
+
+
+def pick_device() -> tuple[torch.device, str]:
+    """(device, precision): CUDA when present, else the CPU; bf16 autocast where the hardware has it."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return torch.device("cpu"), "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(
+    model: Embedder,
+    optimizer: torch.optim.Optimizer,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float,
+    precision: str = "fp32",
+) -> float:
+    """One optimisation step on a batch of view pairs; returns the loss. Both views share one forward (BN)."""
+    device = next(model.parameters()).device
+    x = torch.cat([a, b]).to(device).contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        z = model(x)
+    loss = nt_xent(z[: len(a)], z[len(a) :], temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def lr_factor(progress: float) -> float:
+    """Linear warm-up, then cosine decay to zero; `progress` is the share of the schedule done (0..1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < WARMUP:
+        return max(progress / WARMUP, 0.02)
+    return 0.5 * (1 + math.cos(math.pi * (progress - WARMUP) / (1 - WARMUP)))
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    product_id: str
+    source: str
+
+
+class ImageCache:
+    """Training images decoded once and shrunk to `side`; beyond `max_bytes` the rest are decoded on demand."""
+
+    def __init__(self, images: Sequence[TrainImage], side: int, max_bytes: int, progress: bool = True) -> None:
+        self.images = list(images)
+        self.side = side
+        self.arrays: list[np.ndarray | None] = []
+        self.failed: dict[int, str] = {}
+        used = 0
+        for i, item in enumerate(tqdm(self.images, desc="decoding", unit="img", disable=not progress)):
+            if used >= max_bytes:
+                self.arrays.append(None)
+                continue
+            try:
+                arr = np.asarray(self._decode(item.source))
+            except (ImageRejected, OSError) as exc:
+                self.failed[i] = str(exc)
+                self.arrays.append(None)
+                continue
+            used += arr.nbytes
+            self.arrays.append(arr)
+        self.bytes = used
+
+    def _decode(self, source: str) -> Image.Image:
+        img = load_image_file(source, draft_size=2 * self.side)
+        img.thumbnail((self.side, self.side), Image.Resampling.BILINEAR)
+        return img
+
+    def get(self, i: int) -> Image.Image:
+        arr = self.arrays[i]
+        return Image.fromarray(arr) if arr is not None else self._decode(self.images[i].source)
+
+
+def make_views(anchor_img: Image.Image, positive_img: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+    """A catalog-like anchor and a phone-photo-like positive of the same product (training presets)."""
+    anchor = anchor_img if rng.random() < CLEAN_ANCHOR_SHARE else clean_crop(anchor_img, rng, params=TRAIN_PARAMS)
+    positive = photo_like(positive_img, rng, clutter=rng.random() < CLUTTER_SHARE, params=TRAIN_PARAMS)
+    if rng.random() < 0.5:
+        anchor = anchor.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5:
+        positive = positive.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return anchor, positive
+
+
+class PairDataset(Dataset):
+    """Item i: two augmented views of training product i, seeded by (seed, epoch, product)."""
+
+    def __init__(self, cache: ImageCache, products: Sequence[Sequence[int]], image_size: int, seed: int) -> None:
+        self.cache = cache
+        self.products = [list(p) for p in products]  # per product: indices into the cache
+        self.image_size = image_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = random.Random(f"train:{self.seed}:{self.epoch}:{i}")
+        images = self.products[i]
+        a, b = make_views(self.cache.get(rng.choice(images)), self.cache.get(rng.choice(images)), rng)
+        return torch.from_numpy(preprocess(a, self.image_size)), torch.from_numpy(preprocess(b, self.image_size))
+
+
+def loader(dataset: PairDataset, batch_size: int, workers: int, seed: int, epoch: int) -> DataLoader:
+    """A fresh loader per epoch (workers fork with the epoch set); full batches only, for batch norm."""
+    dataset.epoch = epoch
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        generator=generator,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# ---------------------------------------------------------------- catalog, split, validation
+
+
+def read_train_catalog(path: Path, column_map: Mapping[str, str] | None) -> Catalog:
+    """The catalog as `vsearch eval` reads it (the shared shoe sets' product_id column is accepted too)."""
+    try:
+        return read_catalog(path, column_map=column_map, default_url_template=PLACEHOLDER_URL)
+    except CatalogError:
+        if column_map is not None:
+            raise
+        return read_catalog(path, column_map={"id": "product_id"}, default_url_template=PLACEHOLDER_URL)
+
+
+def local_images(catalog: Catalog) -> list[TrainImage]:
+    images = [TrainImage(r.product_id, r.source) for r in catalog.images if not r.source.startswith(("http://", "https://"))]
+    if not images:
+        raise CatalogError(
+            f"catalog {catalog.path} has no local image files to train on",
+            "vsearch train reads images from disk; give a catalog whose image column holds file paths.",
+        )
+    return images
+
+
+def write_val_catalog(catalog: Catalog, eval_ids: Sequence[str], path: Path) -> Path:
+    """A catalog of the validation products only (absolute image paths), read by the eval code as any catalog."""
+    wanted = set(eval_ids)
+    fields = ["id", "title", "url", "image", "category", "brand"]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for ref in catalog.images:
+            if ref.product_id not in wanted or ref.source.startswith(("http://", "https://")):
+                continue
+            p = catalog.products[ref.product_id]
+            writer.writerow(
+                {"id": p.id, "title": p.title, "url": p.url, "image": ref.source, "category": p.category or "",
+                 "brand": p.brand or ""}
+            )
+    os.replace(tmp, path)
+    return path
+
+
+class ModelExtractor:
+    """The training model seen through the eval code's ConvExtractor protocol."""
+
+    def __init__(self, model: Embedder, image_size: int, device: torch.device, precision: str) -> None:
+        self.model = model
+        self.image_size = image_size
+        self.device = device
+        self.precision = precision
+        self.weights_id = "training"
+
+    def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack([preprocess(im, self.image_size) for im in images]))
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            return self.model.conv_maps(batch).float().cpu()
+
+
+def validate(model: Embedder, val_catalog: Path, image_size: int, seed: int, device: torch.device, precision: str) -> dict[str, float | None]:
+    """GeM, no whitening, on the validation products: clean and cluttered photo-like recall (eval presets)."""
+    was_training = model.training
+    model.eval()
+    try:
+        report = run_eval(
+            val_catalog,
+            extractor=ModelExtractor(model, image_size, device, precision),
+            seed=seed,
+            poolings=("gem",),
+            whitening=(False,),
+            include_seed_baseline=False,
+            queries=("photo", "clean"),
+            progress=False,
+        )
+    finally:
+        model.train(was_training)
+    metrics = report.methods[0].metrics
+    return {k: metrics.get(k) for k in ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")}
+
+
+def val_score(metrics: Mapping[str, float | None]) -> tuple[float, float]:
+    """Best epoch: cluttered photo-like recall@5 first, clean recall@5 breaks ties."""
+    return (float(metrics.get("photo_r5") or 0.0), float(metrics.get("clean_r5") or 0.0))
+
+
+# ---------------------------------------------------------------- files
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(data: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def features_state(model: Embedder) -> dict[str, torch.Tensor]:
+    """torchvision `features` state dict on the CPU, float32: what `VSEARCH_WEIGHTS=path` loads."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in model.features.state_dict().items()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the model and optimizer, and what the model card reports."""
+
+    start_weights: str
+    arch: str
+    catalog_sha256: str
+    epochs_done: int = 0
+    steps_done: int = 0
+    seconds: float = 0.0  # wall time of the run so far, all sessions (decoding and validation included)
+    before: dict[str, float | None] = field(default_factory=dict)
+    best_epoch: int = 0
+    best: dict[str, float | None] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    weights: Path
+    card: Path
+    checkpoint: Path
+    state: TrainState
+    interrupted: bool
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train per `config`; a KeyboardInterrupt ends it cleanly (result.interrupted) keeping the last checkpoint."""
+    config.validate()
+    wall_start = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    if config.resume and not ckpt_path.is_file():
+        raise VsearchError(f"--resume: no checkpoint at {ckpt_path}.", "Start without --resume, or pass the --out of the run.")
+    if not config.resume and ckpt_path.is_file():
+        raise VsearchError(
+            f"{out} already holds a training run ({CHECKPOINT}).", "Pass --resume to continue it, or choose another --out."
+        )
+
+    catalog = read_train_catalog(Path(config.catalog), config.column_map)
+    images = local_images(catalog)
+    product_ids = list(dict.fromkeys(i.product_id for i in images))
+    train_ids, eval_ids = split_products(product_ids, config.eval_fraction, config.seed)
+    if len(train_ids) < 2:
+        raise CatalogError(f"only {len(train_ids)} training product(s)", "Training needs at least 2 products; lower --eval-fraction.")
+    train_set = set(train_ids)
+    _write_json_atomic(
+        {"catalog": str(catalog.path), "catalog_sha256": catalog.sha256, "eval_fraction": config.eval_fraction,
+         "seed": config.seed, "train": train_ids, "eval": eval_ids},
+        out / SPLIT,
+    )
+    val_ids = sample_products(eval_ids, config.val_limit, config.seed)
+    val_catalog = write_val_catalog(catalog, val_ids, out / VAL_CATALOG)
+    val_size = config.val_image_size or config.image_size
+
+    device, precision = pick_device()
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if config.resume else None
+    if checkpoint is not None:
+        state = TrainState(**checkpoint["state"])
+        if state.catalog_sha256 != catalog.sha256:
+            raise CatalogError(
+                f"the catalog changed since the checkpoint in {out} was written",
+                "Resume with the same catalog file, or start a new run with another --out.",
+            )
+        features = (models.vgg16_bn if state.arch == "vgg16_bn" else models.vgg16)(weights=None).features
+        features.load_state_dict(checkpoint["features"])
+        arch = state.arch
+    else:
+        features, arch, start_id = build_features(config.weights, config.arch, config.seed)
+        state = TrainState(start_weights=start_id, arch=arch, catalog_sha256=catalog.sha256)
+    model = Embedder(features).to(device).to(memory_format=torch.channels_last)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+
+    train_images = [i for i in images if i.product_id in train_set]
+    cache = ImageCache(train_images, round(config.image_size * 1.5), config.cache_mb << 20, config.progress)
+    by_product: dict[str, list[int]] = {}
+    for n, item in enumerate(train_images):
+        if n not in cache.failed:
+            by_product.setdefault(item.product_id, []).append(n)
+    if cache.failed:
+        log.warning("%d training image(s) could not be decoded and are left out", len(cache.failed))
+    products = [by_product[p] for p in train_ids if p in by_product]
+    if len(products) < 2:
+        raise CatalogError("fewer than 2 training products have a readable image", "Check the image paths of the catalog.")
+    batch_size = min(config.batch_size, len(products))
+    dataset = PairDataset(cache, products, config.image_size, config.seed)
+    steps_per_epoch = len(products) // batch_size
+    total_steps = steps_per_epoch * config.epochs
+    budget = config.minutes * 60 if config.minutes else None
+    session_seconds = state.seconds
+
+    def elapsed() -> float:
+        return session_seconds + time.perf_counter() - wall_start
+
+    def card() -> dict[str, Any]:
+        return {
+            "format": CARD_FORMAT,
+            "weights": str(out / WEIGHTS),
+            "weights_sha256": file_sha256(out / WEIGHTS) if (out / WEIGHTS).is_file() else None,
+            "arch": state.arch,
+            "start_weights": state.start_weights,
+            "status": state.status,
+            "catalog": str(catalog.path),
+            "catalog_sha256": catalog.sha256,
+            "split": {"file": str(out / SPLIT), "eval_fraction": config.eval_fraction, "seed": config.seed,
+                      "train_products": len(train_ids), "eval_products": len(eval_ids)},
+            "epochs_planned": config.epochs,
+            "epochs_done": state.epochs_done,
+            "steps_done": state.steps_done,
+            "best_epoch": state.best_epoch,
+            "image_size": config.image_size,
+            "batch_size": batch_size,
+            "loss": {"name": "nt-xent (SimCLR, two views per product)", "temperature": config.temperature,
+                     "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None},
+            "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,
+                          "schedule": f"warm-up {WARMUP:.0%}, cosine to 0 over epochs or --minutes"},
+            "augment": {"preset": TRAIN_PARAMS.name, "clean_anchor_share": CLEAN_ANCHOR_SHARE,
+                        "clutter_share": CLUTTER_SHARE},
+            "validation": {"catalog": str(val_catalog), "products": len(val_ids), "image_size": val_size,
+                           "method": "gem, no whitening; eval presets and seeds (engine.evaluate)",
+                           "before": state.before, "after": state.best},
+            "history": state.history,
+            "wall_seconds": round(state.seconds, 1),
+            "minutes_budget": config.minutes,
+            "device": _device_name(device),
+            "precision": precision,
+            "workers": config.workers,
+            "torch": torch.__version__,
+        }
+
+    def save_checkpoint() -> None:
+        state.seconds = elapsed()
+        _save_atomic({"features": features_state(model), "optimizer": optimizer.state_dict(), "state": asdict(state)},
+                     ckpt_path)
+
+    interrupted = False
+    try:
+        last_val_seconds = state.history[-1]["val_seconds"] if state.history else 0.0
+        if checkpoint is None:
+            log.info("validating the starting weights (%s) on %d eval products", state.start_weights, len(val_ids))
+            val_start = time.perf_counter()
+            state.before = validate(model, val_catalog, val_size, config.seed, device, precision)
+            last_val_seconds = time.perf_counter() - val_start
+            state.best = dict(state.before)
+            log.info("before training: %s", _fmt_metrics(state.before))
+            _save_atomic(features_state(model), out / WEIGHTS)  # epoch 0 stays the best until an epoch beats it
+            save_checkpoint()
+        model.train()
+        for epoch in range(state.epochs_done + 1, config.epochs + 1):
+            if budget is not None and elapsed() + last_val_seconds >= budget:
+                log.info("time budget of %.1f min reached", config.minutes)
+                break
+            epoch_start = time.perf_counter()
+            losses: list[float] = []
+            out_of_time = False
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                       disable=not config.progress)
+            for a, b in loader(dataset, batch_size, config.workers, config.seed, epoch):
+                progress = state.steps_done / max(total_steps, 1)
+                if budget is not None:
+                    progress = max(progress, elapsed() / budget)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * lr_factor(progress)
+                losses.append(train_step(model, optimizer, a, b, config.temperature, precision))
+                state.steps_done += 1
+                rate = 2 * batch_size * len(losses) / (time.perf_counter() - epoch_start)
+                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}", "img/s": f"{rate:.1f}"}
+                if budget is not None:
+                    postfix["left"] = f"{max(0.0, budget - elapsed()) / 60:.1f}min"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if budget is not None and elapsed() + last_val_seconds >= budget:
+                    out_of_time = True
+                    break
+            bar.close()
+            train_seconds = time.perf_counter() - epoch_start
+            val_start = time.perf_counter()
+            metrics = validate(model, val_catalog, val_size, config.seed, device, precision)
+            last_val_seconds = time.perf_counter() - val_start
+            state.epochs_done = epoch
+            state.history.append({
+                "epoch": epoch, "steps": len(losses), "loss": round(float(np.mean(losses)), 4) if losses else None,
+                "images_per_s": round(2 * batch_size * len(losses) / max(train_seconds, 1e-9), 2),
+                "train_seconds": round(train_seconds, 1), "val_seconds": round(last_val_seconds, 1),
+                "lr": optimizer.param_groups[0]["lr"], "val": metrics, "load": [round(x, 2) for x in os.getloadavg()],
+            })
+            if val_score(metrics) > val_score(state.best):
+                state.best, state.best_epoch = metrics, epoch
+                _save_atomic(features_state(model), out / WEIGHTS)
+            log.info("epoch %d: loss %.4f, %s (best epoch %d)", epoch, np.mean(losses) if losses else float("nan"),
+                     _fmt_metrics(metrics), state.best_epoch)
+            save_checkpoint()
+            _write_json_atomic(card(), out / CARD)
+            if out_of_time:
+                log.info("time budget of %.1f min reached", config.minutes)
+                break
+        state.status = "done"
+    except KeyboardInterrupt:
+        interrupted = True
+        state.status = "interrupted"
+        log.warning("interrupted: the last checkpoint (%d epochs) stays in %s", state.epochs_done, ckpt_path)
+    state.seconds = elapsed()
+    _write_json_atomic(card(), out / CARD)
+    return TrainResult(out / WEIGHTS, out / CARD, ckpt_path, state, interrupted)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _fmt_metrics(metrics: Mapping[str, float | None]) -> str:
+    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("catalog", help="catalog file (CSV or JSON Lines) whose local images are the training data")
+    parser.add_argument("--out", default="vsearch-train", help="run folder: checkpoint, weights.pth, weights.json, split")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs in the schedule (default 20)")
+    parser.add_argument("--minutes", type=float, default=None, help="time budget of the whole run; stops early")
+    parser.add_argument("--image-size", type=int, default=112, help="training resolution in pixels (default 112)")
+    parser.add_argument("--batch-size", type=int, default=32, help="products per batch, two views each (default 32)")
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="conv stack; default vgg16_bn from random init, else the VSEARCH_WEIGHTS one")
+    parser.add_argument("--eval-fraction", type=float, default=0.2, help="share of products held out (default 0.2)")
+    parser.add_argument("--val-limit", type=int, default=200, help="held-out products validated each epoch (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="e.g. id=product_id for the shared shoe sets")
+    parser.add_argument("--workers", type=int, default=1, help="augmentation worker processes (0: in the main one)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        catalog=Path(args.catalog),
+        out=Path(args.out),
+        weights=os.environ.get("VSEARCH_WEIGHTS", "imagenet").strip() or "imagenet",
+        epochs=args.epochs,
+        minutes=args.minutes,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        arch=args.arch or "auto",
+        eval_fraction=args.eval_fraction,
+        seed=args.seed,
+        column_map=parse_column_map(args.map or []) or None,
+        workers=args.workers,
+        resume=args.resume,
+        lr=args.lr,
+        val_limit=args.val_limit,
+    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
+    try:
+        result = train(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    s = result.state
+    print(f"{s.status}: {s.epochs_done} epoch(s) in {s.seconds / 60:.1f} min; best epoch {s.best_epoch}")
+    print(f"validation before: {_fmt_metrics(s.before)}")
+    print(f"validation best:   {_fmt_metrics(s.best)}")
+    print(f"weights: {result.weights}\nmodel card: {result.card}")
+    print(f"use them: VSEARCH_WEIGHTS={result.weights} vsearch index CATALOG")
+    return EXIT_INTERRUPTED if result.interrupted else 0

@@ -1,0 +1,160 @@
+"""`vsearch train` on a tiny generated catalog: loss, checkpoint, resume, model card, weights and split."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.features import preprocess
+from engine.settings import EngineSettings
+from engine.train import (
+    CARD,
+    CHECKPOINT,
+    SPLIT,
+    WEIGHTS,
+    Embedder,
+    TrainConfig,
+    build_features,
+    lr_factor,
+    make_views,
+    nt_xent,
+    train,
+    train_step,
+)
+from engine.weights import load_weights
+from indexer.build import build_index
+from indexer.demo import make_demo_catalog
+
+SIZE = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine that is faster than two, and restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_catalog(tmp_path_factory.mktemp("train-catalog"), products=8, image_size=96)
+
+
+@pytest.fixture(scope="module")
+def run(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, object]:
+    torch.manual_seed(0)
+    config = TrainConfig(
+        catalog=catalog, out=tmp_path_factory.mktemp("train-run"), weights="random", epochs=2, image_size=SIZE,
+        batch_size=4, eval_fraction=0.25, workers=0, val_limit=None, progress=False,
+    )
+    return config, train(config)
+
+
+def test_nt_xent_prefers_matching_views() -> None:
+    a = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    matched = nt_xent(a, a, 0.1)
+    shuffled = nt_xent(a, a[torch.tensor([1, 2, 3, 4, 5, 0])], 0.1)
+    assert matched < shuffled
+    assert matched < 0.5
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    assert lr_factor(0.0) < lr_factor(0.05)
+    assert lr_factor(0.05) == pytest.approx(1.0)
+    assert lr_factor(0.5) < 1.0
+    assert lr_factor(1.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_views_are_seeded_and_differ_from_each_other(catalog: Path) -> None:
+    img = Image.open(catalog.parent / "images" / "demo-002-1.jpg").convert("RGB")
+    a1, p1 = make_views(img, img, random.Random("x"))
+    a2, p2 = make_views(img, img, random.Random("x"))
+    assert a1.tobytes() == a2.tobytes() and p1.tobytes() == p2.tobytes()
+    assert p1.size == img.size and a1.tobytes() != p1.tobytes()
+
+
+def test_loss_falls_on_a_fixed_batch(catalog: Path) -> None:
+    torch.manual_seed(0)
+    features, arch, _ = build_features("random", "auto", seed=0)
+    assert arch == "vgg16_bn"
+    model = Embedder(features).to(memory_format=torch.channels_last).train()
+    files = sorted((catalog.parent / "images").glob("*-1.jpg"))[:4]
+    pairs = [make_views(Image.open(f).convert("RGB"), Image.open(f).convert("RGB"), random.Random(i))
+             for i, f in enumerate(files)]
+    a = torch.from_numpy(np.stack([preprocess(x, SIZE) for x, _ in pairs]))
+    b = torch.from_numpy(np.stack([preprocess(y, SIZE) for _, y in pairs]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = [train_step(model, optimizer, a, b, 0.1) for _ in range(8)]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_run_writes_checkpoint_weights_card_and_split(run) -> None:
+    config, result = run
+    out = Path(config.out)
+    for name in (CHECKPOINT, WEIGHTS, CARD, SPLIT):
+        assert (out / name).is_file(), name
+    card = json.loads((out / CARD).read_text())
+    assert card["epochs_done"] == 2 and card["status"] == "done"
+    assert card["arch"] == "vgg16_bn" and card["image_size"] == SIZE
+    assert card["start_weights"] == "random:vgg16_bn:seed0"
+    assert len(card["catalog_sha256"]) == 64
+    assert card["split"]["eval_products"] == 2 and card["split"]["train_products"] == 6
+    assert set(card["validation"]["before"]) >= {"photo_r5", "clean_r5"}
+    assert card["validation"]["before"]["clean_r5"] is not None
+    assert [h["epoch"] for h in card["history"]] == [1, 2]
+    assert all(h["loss"] > 0 for h in card["history"])
+    assert card["wall_seconds"] > 0 and card["device"]
+
+
+def test_split_is_product_disjoint_and_validation_uses_eval_products_only(run) -> None:
+    config, _ = run
+    out = Path(config.out)
+    split = json.loads((out / SPLIT).read_text())
+    assert split["eval"] and split["train"]
+    assert not set(split["eval"]) & set(split["train"])
+    assert len(set(split["eval"]) | set(split["train"])) == 8
+    val_rows = (out / "val_catalog.csv").read_text().splitlines()[1:]
+    val_ids = {row.split(",")[0] for row in val_rows}
+    assert val_ids == set(split["eval"])
+
+
+def test_resume_continues_from_the_checkpoint(run) -> None:
+    config, first = run
+    again = train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True}))
+    assert again.state.epochs_done == 3
+    assert [h["epoch"] for h in again.state.history] == [1, 2, 3]
+    assert again.state.before == first.state.before  # the starting figures are carried, not re-measured
+    assert again.state.seconds > first.state.seconds
+
+
+def test_a_second_run_in_the_same_folder_needs_resume(run) -> None:
+    config, _ = run
+    from engine.errors import VsearchError
+
+    with pytest.raises(VsearchError, match="--resume"):
+        train(config)
+
+
+def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, tmp_path: Path) -> None:
+    config, result = run
+    loaded = load_weights(str(result.weights))
+    assert loaded.arch == "vgg16_bn" and loaded.weights_id.startswith("file:weights.pth:")
+    settings = EngineSettings(data_dir=tmp_path / "data", weights=str(result.weights), precision="fp32",
+                              image_size=SIZE)
+    report = build_index(catalog, settings)
+    assert report.products == 8
+
+    from engine.search import Searcher
+
+    searcher = Searcher(settings)
+    query = (catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
+    found = searcher.search(query, 3)
+    assert found.matches and found.matches[0].product.id == "demo-003"

@@ -112,6 +112,12 @@ async def ensure_index(settings: BotSettings, out: list[str], extractor: Any) ->
              f"{report.images_failed} failed) in {report.seconds:.0f} s: version {report.version}")
 
 
+def warm_up(extractor: Any, batch: int, pooling: str) -> None:
+    from engine.features import check_image
+
+    extractor.embed([check_image(extractor.image_size)] * batch, pooling)
+
+
 async def start(settings: BotSettings) -> Running:
     """Start everything; the HTTP server listens when this returns."""
     out: list[str] = []
@@ -135,6 +141,8 @@ async def start(settings: BotSettings) -> Running:
 
     metrics = Metrics()
     search = InProcessSearchClient(searcher)
+    # One full batch before serving: the allocator reaches its working size now, not under load.
+    await asyncio.to_thread(warm_up, extractor, search.max_batch, engine.pooling)
     admin = Admin(settings, state, search, extractor=extractor)
     core = ChatCore(settings, state, search, admin, metrics)
     app = make_app(settings, core, search, state)

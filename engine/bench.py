@@ -535,7 +535,7 @@ def rss_child(spec_json: str) -> None:
     from engine.features import FeatureExtractor
     from engine.search import Searcher
 
-    stages["import engine (torchvision)"] = _memory_mb()[1]
+    stages["import engine"] = _memory_mb()[1]
     raw = spec["settings"]
     settings = EngineSettings(**{**raw, "data_dir": Path(raw["data_dir"])})
     extractor = FeatureExtractor.from_settings(settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from engine.evaluate import PLACEHOLDER_URL, run_eval, sample_products, split_pr
 from engine.features import cpu_has_native_bf16, preprocess
 from engine.images import load_image_file
 from engine.pooling import gem_pool
-from engine.weights import load_weights
+from engine.weights import file_sha256, load_weights
 from indexer.catalog import Catalog, parse_column_map, read_catalog
 
 log = logging.getLogger(__name__)
@@ -370,14 +369,6 @@ def features_state(model: Embedder) -> dict[str, torch.Tensor]:
     """torchvision `features` state dict on the CPU, float32: what `VSEARCH_WEIGHTS=path` loads."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
             for k, v in model.features.state_dict().items()}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

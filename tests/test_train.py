@@ -158,3 +158,20 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     query = (catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
     found = searcher.search(query, 3)
     assert found.matches and found.matches[0].product.id == "demo-003"
+
+
+def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from engine.train import add_train_arguments, run_train
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args([str(catalog), "--out", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32",
+                              "--batch-size", "4", "--workers", "0", "--eval-fraction", "0.25", "--seed", "3"])
+    assert run_train(args) == 0
+    card = json.loads((tmp_path / "run" / CARD).read_text())
+    assert card["epochs_done"] == 1 and card["image_size"] == 32 and card["split"]["seed"] == 3
+    assert "VSEARCH_WEIGHTS=" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(catalog), "--arch", "resnet"])

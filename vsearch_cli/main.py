@@ -15,7 +15,6 @@ from engine.errors import (
     ReindexRequired,
     SettingsError,
     VsearchError,
-    WeightsError,
 )
 from engine.settings import EngineSettings, load_dotenv_file
 
@@ -24,6 +23,16 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_INDEX = 3
 EXIT_BAD_IMAGE = 4
+
+# First match wins: every VsearchError is covered by the last row.
+EXIT_CODES: tuple[tuple[type[VsearchError], int], ...] = (
+    (SettingsError, EXIT_USAGE),
+    (CatalogError, EXIT_USAGE),
+    (IndexNotReady, EXIT_NO_INDEX),
+    (ReindexRequired, EXIT_NO_INDEX),
+    (ImageRejected, EXIT_BAD_IMAGE),
+    (VsearchError, EXIT_FAILED),  # WeightsError, BuildFailed, ...
+)
 
 EPILOG = """\
 exit codes:
@@ -247,21 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except SettingsError as exc:
+    except VsearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CatalogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (IndexNotReady, ReindexRequired) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_INDEX
-    except ImageRejected as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_IMAGE
-    except (WeightsError, VsearchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
     except OSError as exc:  # e.g. a full disk under VSEARCH_DATA_DIR
         print(f"error: could not read or write a file: {exc}. Free disk space or fix the path, then run it again.",
               file=sys.stderr)

@@ -62,7 +62,7 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(report["details"]["model_by_batch"]) == {str(b) for b in quick.batch_sizes}
     assert report["details"]["rss_index"].startswith(f"{quick.vectors} images")
     stages = report["details"]["rss_stages_mb"]
-    assert list(stages) == ["import torch", "import engine (torchvision)", "model loaded", "index loaded",
+    assert list(stages) == ["import torch", "import engine", "model loaded", "index loaded",
                             "after 1st query", "after queries"]
     assert metrics["peak_rss_mb"] >= max(stages.values())  # VmHWM is the high-water mark of VmRSS
     assert report["environment"]["image_size"] == 64

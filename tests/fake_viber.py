@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -10,6 +9,7 @@ import math
 from typing import Any
 
 from aiohttp import web
+from fake_server import LoopbackServer
 
 VIBER_TOKEN = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
 
@@ -65,21 +65,18 @@ def conversation_started_event(user_id: str) -> dict[str, Any]:
 WEBHOOK_EVENT = {"event": "webhook", "timestamp": 1457764197627, "chat_hostname": "SN-372_", "message_token": 241256543215}
 
 
-class FakeViber:
+class FakeViber(LoopbackServer):
     """`base_url` plays VIBER_API_BASE_URL; `sent` holds every accepted send_message body in order."""
 
     def __init__(self, token: str = VIBER_TOKEN) -> None:
+        super().__init__()
         self.token = token
-        self.sent: list[dict[str, Any]] = []
         self.refused: list[dict[str, Any]] = []
         self.refuse_rich_media = False
         self.fail_next = 0  # answer this many send_message calls with 503
         self.calls = 0
         self.media: dict[str, bytes] = {}
         self.media_hits = 0
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-        self._changed = asyncio.Event()
 
     @property
     def base_url(self) -> str:
@@ -88,28 +85,9 @@ class FakeViber:
     def media_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/media/{name}"
 
-    async def start(self) -> FakeViber:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/pa/send_message", self._send_message)
         app.router.add_get("/media/{name}", self._media)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def wait_sent(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """The first `count` accepted messages, waiting for them to arrive."""
-        async with asyncio.timeout(timeout):
-            while len(self.sent) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.sent[:count]
 
     async def _media(self, request: web.Request) -> web.Response:
         self.media_hits += 1

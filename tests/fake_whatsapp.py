@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 from typing import Any
 
 from aiohttp import web
+from fake_server import LoopbackServer
 
 ACCESS_TOKEN = "EAAGtestaccesstoken0123456789"
 APP_SECRET = "0123456789abcdef0123456789abcdef"
@@ -85,49 +85,28 @@ def status_payload(wa_id: str, message_id: str = "wamid.OUT1", status: str = "de
     )
 
 
-class FakeGraph:
+class FakeGraph(LoopbackServer):
     """`base_url` plays WHATSAPP_API_BASE_URL; `sent` holds accepted /messages bodies, `uploads` the media uploads."""
 
     def __init__(self, token: str = ACCESS_TOKEN, phone_id: str = PHONE_NUMBER_ID) -> None:
+        super().__init__()
         self.token = token
         self.phone_id = phone_id
         self.media: dict[str, tuple[bytes, str]] = {}  # media id -> (bytes, mime type)
-        self.sent: list[dict[str, Any]] = []
         self.uploads: list[dict[str, Any]] = []
         self.fail_next = 0  # answer this many /messages calls with 500
         self.download_status: int | None = None  # force this status on media downloads
         self.unauthorized = 0
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._changed = asyncio.Event()
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/{VERSION}"
 
-    async def start(self) -> FakeGraph:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get(f"/{VERSION}/{{media_id}}", self._media_info)
         app.router.add_get("/download/{media_id}", self._download)
         app.router.add_post(f"/{VERSION}/{{phone_id}}/messages", self._messages)
         app.router.add_post(f"/{VERSION}/{{phone_id}}/media", self._upload)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def wait_sent(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        async with asyncio.timeout(timeout):
-            while len(self.sent) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.sent[:count]
 
     def _authorized(self, request: web.Request) -> bool:
         ok = request.headers.get("Authorization") == f"Bearer {self.token}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import random
@@ -177,19 +176,6 @@ class Recorder:
 
 
 # -- the serve process ---------------------------------------------------------------------------------
-
-
-def rename_products(path: Path) -> Path:
-    """Give a demo catalog's products the ids new-NNN, so an answer shows which index served it."""
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
-    for row in rows:
-        row["id"] = row["id"].replace("demo-", "new-")
-        row["url"] = row["url"].replace("demo-", "new-")
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def free_port() -> int:
@@ -589,7 +575,13 @@ async def main_async(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     catalog_a = make_demo_catalog(work / "catalog-a", products=args.products, image_size=320)
     # Other pixel sizes, so no image of it is in the feature cache: the reindex runs the model on every one.
-    catalog_b = rename_products(make_demo_catalog(work / "catalog-b", products=args.reindex_products, image_size=352))
+    catalog_b = make_demo_catalog(
+        work / "catalog-b",
+        products=args.reindex_products,
+        image_size=352,
+        id_prefix="new",
+        url_template="https://new-shop.example/products/{id}",
+    )
     photos = [p.read_bytes() for p in sorted((work / "catalog-a" / "images").glob("*.jpg"))]
 
     telegram, viber, graph = tg.FakeTelegram(), vb.FakeViber(), wa.FakeGraph()

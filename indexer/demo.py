@@ -68,8 +68,17 @@ def draw_shoe(style: str, colour: tuple[int, int, int], seed: int, size: int = 4
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else img
 
 
-def make_demo_catalog(folder: Path, products: int = 24, image_size: int = 400) -> Path:
-    """Write `products` demo products (every fourth with a second, mirrored photo) and a catalog.csv."""
+def make_demo_catalog(
+    folder: Path,
+    products: int = 24,
+    image_size: int = 400,
+    id_prefix: str = "demo",
+    url_template: str = DEMO_URL,
+) -> Path:
+    """Write `products` demo products (every fourth with a second, mirrored photo) and a catalog.csv.
+
+    Another `id_prefix`/`url_template` gives a second catalog whose answers are told apart from the first.
+    """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     colours = list(COLOURS.items())
@@ -77,7 +86,7 @@ def make_demo_catalog(folder: Path, products: int = 24, image_size: int = 400) -
     for n in range(products):
         style = STYLES[n % len(STYLES)]
         colour_name, colour = colours[(n // len(STYLES) + n) % len(colours)]
-        pid = f"demo-{n + 1:03d}"
+        pid = f"{id_prefix}-{n + 1:03d}"
         views = [False, True] if n % 4 == 0 else [False]
         for v, mirror in enumerate(views):
             name = f"images/{pid}-{v + 1}.jpg"
@@ -86,7 +95,7 @@ def make_demo_catalog(folder: Path, products: int = 24, image_size: int = 400) -
                 {
                     "id": pid,
                     "title": f"{colour_name} {style.title()} #{n + 1}",
-                    "url": DEMO_URL.format(id=pid),
+                    "url": url_template.format(id=pid),
                     "image": name,
                     "price": f"{29 + (n * 7) % 90}.90",
                     "currency": "EUR",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -45,16 +44,9 @@ def renamed_catalog(folder: Path, products: int, image_size: int) -> Path:
     """A demo catalog whose products are called new-NNN (so answers show which version served them)."""
     from indexer.demo import make_demo_catalog
 
-    path = make_demo_catalog(folder, products=products, image_size=image_size)
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
-    for row in rows:
-        row["id"] = row["id"].replace("demo-", "new-")
-        row["url"] = row["url"].replace("demo-", "new-")
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return make_demo_catalog(
+        folder, products, image_size, id_prefix="new", url_template="https://new-shop.example/products/{id}"
+    )
 
 
 @pytest.fixture

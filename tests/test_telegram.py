@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import dataclasses
 import io
 import logging
@@ -410,17 +409,9 @@ def renamed_catalog(folder: Path) -> Path:
     """A fresh demo catalog whose products live at other ids and URLs, so answers show which index served."""
     from indexer.demo import make_demo_catalog
 
-    source = make_demo_catalog(folder, products=28, image_size=200)
-    with source.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        row["id"] = row["id"].replace("demo-", "new-")
-        row["url"] = f"https://new-shop.example/p/{row['id']}"
-    with source.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return source
+    return make_demo_catalog(
+        folder, products=28, image_size=200, id_prefix="new", url_template="https://new-shop.example/p/{id}"
+    )
 
 
 @pytest.fixture
@@ -463,7 +454,7 @@ async def test_admin_reindex_shows_progress_and_switches_the_index(writable_stac
         assert "products" in edits[-1].params["text"] and "images indexed" in edits[-1].params["text"]
         assert stack.search.index_version != old_version
 
-        new_photo = (Path(stack.settings.engine.catalog).parent / "images" / "demo-003-1.jpg").read_bytes()
+        new_photo = (Path(stack.settings.engine.catalog).parent / "images" / "new-003-1.jpg").read_bytes()
         fake.enqueue(photo_update(fake, ADMIN_CHAT + 1, new_photo))
         done = await answer(fake, ADMIN_CHAT + 1)
         assert url_buttons(done)[0] == "https://new-shop.example/p/new-003"

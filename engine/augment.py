@@ -78,6 +78,16 @@ def photo_like(
 
     The output has the input's size and is RGB. The same generator state gives the same bytes.
     """
+    return photo_like_with_mask(img, rng, clutter=clutter, params=params)[0]
+
+
+def photo_like_with_mask(
+    img: Image.Image, rng: random.Random, *, clutter: bool = True, params: AugmentParams = EVAL_PARAMS
+) -> tuple[Image.Image, Image.Image]:
+    """`photo_like` and the product's soft mask in the output ("L", same size): the mask head's training target.
+
+    The mask draws nothing from `rng`, so the photo is byte-identical to `photo_like`'s.
+    """
     img = img.convert("RGB")
     size = img.size
     nprng = np.random.default_rng(rng.getrandbits(64))
@@ -106,14 +116,18 @@ def photo_like(
     if clutter and rng.random() < params.shadow_probability:
         canvas = cast_shadow(canvas, alpha, (left, top), rng)
     canvas.paste(product.convert("RGB"), (left, top), alpha)
+    mask = Image.new("L", work, 0)
+    mask.paste(alpha, (left, top))
 
     placed = clip_box((left, top, left + product.width, top + product.height), work)
-    canvas = canvas.resize(size, Image.Resampling.BILINEAR, box=choose_crop(work, placed, params.crop_area, rng))
+    crop = choose_crop(work, placed, params.crop_area, rng)
+    canvas = canvas.resize(size, Image.Resampling.BILINEAR, box=crop)
+    mask = mask.resize(size, Image.Resampling.BILINEAR, box=crop)
     canvas = jitter_colour(
         canvas, rng, params.brightness, params.contrast, params.saturation, params.hue_shift, params.channel_gain
     )
     canvas = add_noise(canvas, rng.uniform(*params.noise_sigma), nprng)
-    return jpeg(canvas, rng.randint(*params.jpeg_quality))
+    return jpeg(canvas, rng.randint(*params.jpeg_quality)), mask
 
 
 def clean_crop(img: Image.Image, rng: random.Random, *, params: AugmentParams = EVAL_PARAMS) -> Image.Image:

@@ -19,17 +19,22 @@ from tqdm import tqdm
 from engine.augment import EVAL_PARAMS, AugmentParams, clean_crop, photo_like
 from engine.errors import CatalogError, ImageRejected
 from engine.images import load_image_file
+from engine.localize import catalog_crop
 from engine.metrics import exact_knn, map_at_k, precision_at_k, rank_products, recall_at_k
 from engine.pooling import POOLINGS, Whitening, pool, raw_flat
 from indexer.catalog import Catalog, read_catalog
 
-QUERY_KINDS = ("photo", "clean")  # photo: photo_like with clutter; clean: clean_crop
+# photo: photo_like pasted on a cluttered background; plain: photo_like on the catalog's own background;
+# clean: clean_crop (a mild crop of the catalog shot).
+QUERY_KINDS = ("photo", "plain", "clean")
 METRICS = (
     "same_r1",
     "same_r5",
     "same_map10",
     "photo_r1",
     "photo_r5",
+    "plain_r1",
+    "plain_r5",
     "clean_r1",
     "clean_r5",
     "category_p5",
@@ -38,8 +43,10 @@ METRIC_LABELS = {
     "same_r1": "same R@1",
     "same_r5": "same R@5",
     "same_map10": "same mAP@10",
-    "photo_r1": "photo R@1",
-    "photo_r5": "photo R@5",
+    "photo_r1": "cluttered R@1",
+    "photo_r5": "cluttered R@5",
+    "plain_r1": "photo-like R@1",
+    "plain_r5": "photo-like R@5",
     "clean_r1": "clean R@1",
     "clean_r5": "clean R@5",
     "category_p5": "category P@5",
@@ -59,6 +66,8 @@ class ConvExtractor(Protocol):
     image_size: int
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]: ...
 
 
 @dataclass
@@ -83,6 +92,7 @@ class EvalReport:
     seed: int
     category_field: str
     split: dict[str, Any] | None  # {"train_products": n, "eval_products": n} when a split was used
+    localized: bool  # query images went through the mask head first
     products: int  # products evaluated (in the index)
     images: int  # images in the index
     queries: dict[str, int]  # per metric group: same, photo, clean, category
@@ -92,10 +102,10 @@ class EvalReport:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per pass
 
     def best_pooling(self) -> MethodResult:
-        """The best pooling configuration by photo-like recall@5; ties go to same-product mAP@10.
+        """The best pooling configuration by cluttered photo-like recall@5; ties go to same-product mAP@10.
 
         The seed baseline is not a candidate. Missing metrics count as lowest; if no configuration has
-        any of photo R@5, same mAP@10, clean R@5 or category P@5, ValueError.
+        any of cluttered R@5, same mAP@10, clean R@5 or category P@5, ValueError.
         """
         keys = ("photo_r5", "same_map10", "clean_r5", "category_p5")
         candidates = [m for m in self.methods if m.pooling is not None]
@@ -131,9 +141,11 @@ class EvalReport:
             "",
             f"- products {self.products}, images {self.images}, skipped images {len(self.skipped)}",
             f"- weights `{self.weights_id}`, precision {self.precision}, image size {self.image_size}, "
-            f"limit {self.limit if self.limit is not None else 'none'}, seed {self.seed}",
+            f"limit {self.limit if self.limit is not None else 'none'}, seed {self.seed}, "
+            f"queries localised: {'yes (mask head)' if self.localized else 'no'}",
             f"- split: {split}",
-            f"- queries: same-product {q.get('same', 0)}, photo-like {q.get('photo', 0)}, "
+            f"- queries: same-product {q.get('same', 0)}, cluttered photo-like {q.get('photo', 0)}, "
+            f"photo-like {q.get('plain', 0)}, "
             f"clean {q.get('clean', 0)}, category {q.get('category', 0)} (field `{self.category_field}`)",
             "- search: brute force, cosine on L2-normalised vectors; the seed baseline uses Euclidean distance "
             "on raw flattened conv features. Metrics are per product: a query's own image is never a result.",
@@ -149,7 +161,7 @@ class EvalReport:
             best = self.best_pooling().method
         except ValueError:
             best = "n/a"
-        lines += ["", f"Best configuration (photo R@5, then same mAP@10): **{best}**"]
+        lines += ["", f"Best configuration (cluttered R@5, then same mAP@10): **{best}**"]
         if self.seconds:
             lines.append("Time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in self.seconds.items()))
         if self.notes:
@@ -215,12 +227,14 @@ def run_eval(
     seed: int = 0,
     poolings: Sequence[str] = POOLINGS,
     whitening: Sequence[bool] = (False, True),
+    white_dims: Sequence[int | None] = (None,),
     include_seed_baseline: bool = True,
     category_field: str = "category",
     split: float | tuple[Collection[str], Collection[str]] | None = None,
     queries: Sequence[str] = QUERY_KINDS,
     batch_size: int = 16,
     params: AugmentParams = EVAL_PARAMS,
+    localize: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate every pooling x whitening configuration (and the seed baseline) on one catalog.
@@ -229,12 +243,17 @@ def run_eval(
     from them. `split` is an eval fraction (see `split_products`) or a ready (train ids, eval ids) pair:
     whitening is then fitted on the train products and everything is measured on the eval products.
     Without a split, whitening is fitted on the evaluated catalog itself (as the engine does at index time).
+    `localize`: query images go through `extractor.localize` first, as in `Searcher.search`.
+    `white_dims`: the whitened methods are measured at each of these dims (None: all of the pooled vector's),
+    as `Whitening.fit(dims=...)` keeps them; a reduced one is named like "avg+white256".
     """
     unknown = [p for p in poolings if p not in POOLINGS]
     if unknown or not poolings:
         raise ValueError(f"poolings must be a non-empty subset of {POOLINGS}, got {list(poolings)}")
     if not whitening or any(not isinstance(w, bool) for w in whitening):
         raise ValueError(f"whitening must list True and/or False, got {list(whitening)}")
+    if not white_dims or any(d is not None and (not isinstance(d, int) or d < 1) for d in white_dims):
+        raise ValueError(f"white_dims must list positive whole numbers and/or None, got {list(white_dims)}")
     bad_kinds = [k for k in queries if k not in QUERY_KINDS]
     if bad_kinds:
         raise ValueError(f"query kinds must be among {QUERY_KINDS}, got {bad_kinds}")
@@ -261,8 +280,10 @@ def run_eval(
     entries = [e for e in entries if e.product_id in selected]
 
     started = time.perf_counter()
+    # With localised queries the index frames each catalog image on its product, as `vsearch index` does.
+    frame = (lambda img, e: catalog_crop(img)) if localize else (lambda img, e: img)
     loaded, vectors, load_skipped = _extract(
-        entries, extractor, lambda img, e: img, poolings, include_seed_baseline, batch_size, "catalog", progress
+        entries, extractor, frame, poolings, include_seed_baseline, batch_size, "catalog", progress
     )
     seconds["catalog pass"] = time.perf_counter() - started
     skipped += load_skipped
@@ -294,7 +315,7 @@ def run_eval(
     if len(eval_entries) < 2:
         raise ValueError(f"only {len(eval_entries)} image(s) to evaluate; use a larger catalog, limit or eval share")
 
-    methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes)
+    methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes, white_dims)
     image_products = [e.product_id for e in eval_entries]
     per_product = Counter(image_products)
     k_images = min(len(eval_entries), (PRODUCTS_RANKED + 1) * max(per_product.values()) + 1)
@@ -337,7 +358,8 @@ def run_eval(
         transform = _transform(kind, seed, params)
         started = time.perf_counter()
         kept, qvectors, lost = _extract(
-            eval_entries, extractor, transform, poolings, include_seed_baseline, batch_size, f"{kind} queries", progress
+            eval_entries, extractor, transform, poolings, include_seed_baseline, batch_size, f"{kind} queries", progress,
+            localize=localize,
         )
         if len(kept) != len(eval_entries):
             raise CatalogError(
@@ -361,6 +383,7 @@ def run_eval(
         seed=seed,
         category_field=category_field,
         split=split_info,
+        localized=localize,
         products=len(eval_ids),
         images=len(eval_entries),
         queries=queries_count,
@@ -440,8 +463,8 @@ def _load(entry: _Entry) -> Image.Image:
 def _transform(kind: str, seed: int, params: AugmentParams) -> Callable[[Image.Image, _Entry], Image.Image]:
     def apply(img: Image.Image, entry: _Entry) -> Image.Image:
         rng = params.rng(seed, f"{kind}:{entry.key}")
-        if kind == "photo":
-            return photo_like(img, rng, clutter=True, params=params)
+        if kind in ("photo", "plain"):
+            return photo_like(img, rng, clutter=kind == "photo", params=params)
         return clean_crop(img, rng, params=params)
 
     return apply
@@ -456,8 +479,9 @@ def _extract(
     batch_size: int,
     desc: str,
     progress: bool,
+    localize: bool = False,
 ) -> tuple[list[_Entry], _Vectors, list[str]]:
-    """Load (and transform) images batch by batch, run the conv stack once, pool every way."""
+    """Load (and transform, and localise) images batch by batch, run the conv stack once, pool every way."""
     kept: list[_Entry] = []
     skipped: list[str] = []
     pooled: dict[str, list[np.ndarray]] = {p: [] for p in poolings}
@@ -477,7 +501,7 @@ def _extract(
                 images.append(transform(img, entry))
                 kept.append(entry)
             if images:
-                maps = extractor.conv_maps(images)
+                maps = extractor.conv_maps(extractor.localize(images) if localize else images)
                 for p in poolings:
                     pooled[p].append(pool(maps, p))
                 if with_raw:
@@ -506,30 +530,34 @@ def _methods(
     whitening: Sequence[bool],
     include_seed_baseline: bool,
     notes: list[str],
+    white_dims: Sequence[int | None] = (None,),
 ) -> list[_Method]:
     methods: list[_Method] = []
     for p in poolings:
+        vecs = vectors.pooled[p]
         for white in whitening:
-            vecs = vectors.pooled[p]
-            if white:
-                if is_train.sum() < 2:
-                    notes.append(f"{p}+white: skipped, whitening needs at least 2 training images")
-                    continue
-                fitted = Whitening.fit(vecs[is_train])
-
-                def project(v: _Vectors, p: str = p, w: Whitening = fitted) -> np.ndarray:
-                    return w.apply(v.pooled[p])
-
-                index = fitted.apply(vecs[is_eval])
-            else:
+            if not white:
 
                 def project(v: _Vectors, p: str = p) -> np.ndarray:
                     return v.pooled[p]
 
-                index = vecs[is_eval]
-            name = f"{p}+white" if white else p
-            result = MethodResult(name, p, white, "cosine", int(index.shape[1]), dict.fromkeys(METRICS))
-            methods.append(_Method(result, index, project, "cosine"))
+                result = MethodResult(p, p, False, "cosine", int(vecs.shape[1]), dict.fromkeys(METRICS))
+                methods.append(_Method(result, vecs[is_eval], project, "cosine"))
+                continue
+            if is_train.sum() < 2:
+                notes.append(f"{p}+white: skipped, whitening needs at least 2 training images")
+                continue
+            full = int(vecs.shape[1])
+            for dims in dict.fromkeys(None if d is None or d >= full else d for d in white_dims):
+                fitted = Whitening.fit(vecs[is_train], dims=dims)
+
+                def project_white(v: _Vectors, p: str = p, w: Whitening = fitted) -> np.ndarray:
+                    return w.apply(v.pooled[p])
+
+                index = fitted.apply(vecs[is_eval])
+                name = f"{p}+white" if dims is None else f"{p}+white{dims}"
+                result = MethodResult(name, p, True, "cosine", int(index.shape[1]), dict.fromkeys(METRICS))
+                methods.append(_Method(result, index, project_white, "cosine"))
     if include_seed_baseline and vectors.raw is not None:
         index = vectors.raw[is_eval]
         result = MethodResult(SEED_BASELINE, None, False, "euclidean", int(index.shape[1]), dict.fromkeys(METRICS))

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.errors import WeightsError
+from engine.localize import CleanupParams, MaskHead, catalog_crop, clean_images, predict_masks
 from engine.pooling import pool
 from engine.settings import EngineSettings
 from engine.weights import load_weights
@@ -69,6 +71,28 @@ def check_image(size: int) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+def fold_batch_norm(features: torch.nn.Sequential) -> torch.nn.Sequential:
+    """Inference copy of a conv stack with each eval-mode BatchNorm folded into the conv before it.
+
+    VGG16-BN (what `vsearch train` writes) then costs what plain VGG16 costs; the outputs are the same
+    up to float rounding.
+    """
+    layers: list[torch.nn.Module] = []
+    for module in features:
+        if isinstance(module, torch.nn.BatchNorm2d) and layers and isinstance(layers[-1], torch.nn.Conv2d):
+            conv = layers[-1]
+            scale = module.weight / torch.sqrt(module.running_var + module.eps)
+            fused = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+            with torch.no_grad():
+                fused.weight.copy_(conv.weight * scale[:, None, None, None])
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(module.running_mean)
+                fused.bias.copy_((bias - module.running_mean) * scale + module.bias)
+            layers[-1] = fused
+            continue
+        layers.append(module)
+    return torch.nn.Sequential(*layers)
+
+
 class ModelLock:
     """Serialises model calls; a waiting foreground call (a shopper's search) goes before background
     work (an index rebuild in the serving process), so searches wait at most one rebuild batch."""
@@ -107,11 +131,23 @@ class FeatureExtractor:
         precision: str = "auto",
         image_size: int = DEFAULT_IMAGE_SIZE,
         threads: int | None = None,
+        localize: str = "auto",
     ) -> None:
         torch.set_num_threads(threads or default_threads())
         loaded = load_weights(weights)
+        if localize == "on" and loaded.mask_head is None:
+            raise WeightsError(
+                f"VSEARCH_LOCALIZE=on, but the weights {loaded.weights_id} have no mask head.",
+                "Use weights written by `vsearch train`, or set VSEARCH_LOCALIZE=auto (or off).",
+            )
+        self.mask_head: MaskHead | None = None if localize == "off" else loaded.mask_head
+        if self.mask_head is not None:
+            self.mask_head = self.mask_head.to(memory_format=torch.channels_last)
+            for param in self.mask_head.parameters():
+                param.requires_grad_(False)
+        self.cleanup = CleanupParams()
         # The last block's final 2x2 max-pool is dropped: pooling works on the finer 14x14 map.
-        self.model = loaded.features[:-1].eval().to(memory_format=torch.channels_last)
+        self.model = fold_batch_norm(loaded.features[:-1].eval()).eval().to(memory_format=torch.channels_last)
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.weights_id = loaded.weights_id
@@ -122,7 +158,22 @@ class FeatureExtractor:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> FeatureExtractor:
-        return cls(settings.weights, settings.precision, image_size=settings.image_size, threads=settings.threads)
+        return cls(settings.weights, settings.precision, image_size=settings.image_size, threads=settings.threads,
+                   localize=settings.localize)
+
+    @property
+    def localizes(self) -> bool:
+        """True when queries are cleaned by the mask head before they are embedded (and catalog images
+        are cropped to their product to match, see `frame_catalog_image`)."""
+        return self.mask_head is not None
+
+    @property
+    def framing(self) -> str:
+        """How catalog images are framed before embedding; recorded in the manifest: "product" or "whole"."""
+        return "product" if self.localizes else "whole"
+
+    def frame_catalog_image(self, image: Image.Image) -> Image.Image:
+        return catalog_crop(image, self.cleanup.margin) if self.localizes else image
 
     def _resolve_precision(self, requested: str) -> str:
         if requested == "fp32":
@@ -152,6 +203,30 @@ class FeatureExtractor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image, self.image_size)
+
+    def mask_probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, S/4, S/4) product probabilities over each image's padded square, from a pass at the head's size."""
+        if self.mask_head is None:
+            raise RuntimeError("these weights have no mask head")
+        size = int(self.mask_head.image_size)
+        batch = torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            self._lock.hold(),
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
+            return predict_masks(self.model, self.mask_head, batch)
+
+    def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """Each photo's product on white, cropped to it (the photo itself where the mask is not trusted)."""
+        if self.mask_head is None or not images:
+            return list(images)
+        return clean_images(list(images), self.mask_probabilities(images), self.cleanup)
+
+    def embed_queries(self, images: Sequence[Image.Image], pooling: str) -> np.ndarray:
+        """Shoppers' photos: localised first when the weights carry a mask head; catalog images use `embed`."""
+        return self.embed(self.localize(images), pooling)
 
     def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
         """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of the last conv block.

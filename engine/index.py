@@ -51,6 +51,7 @@ class Manifest:
     catalog_sha256: str
     n_trees: int
     build_seconds: float
+    framing: str = "whole"  # "product": catalog images cropped to their product (queries are localised)
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -97,21 +97,24 @@ class Whitening:
     def fit(cls, vectors: np.ndarray, dims: int | None = None, shrinkage: float = 0.1) -> Whitening:
         """Fit on (N, D) L2-normalised vectors.
 
-        `shrinkage` adds a fraction of the mean eigenvalue to every eigenvalue, so that the
-        near-zero directions of a small catalog are not blown up into noise.
+        `shrinkage` adds a fraction of the mean eigenvalue (of the full spectrum) to every eigenvalue, so
+        that the near-zero directions of a small catalog are not blown up into noise. `dims` keeps only the
+        leading principal directions (None or >= D: all); the kept ones are whitened exactly as at full dims.
         """
         x = np.asarray(vectors, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
             raise ValueError("whitening needs at least 2 vectors")
+        if dims is not None and dims < 1:
+            raise ValueError(f"dims must be at least 1, got {dims}")
         mean = x.mean(axis=0)
         centred = x - mean
         cov = centred.T @ centred / (x.shape[0] - 1)
         eigvals, eigvecs = np.linalg.eigh(cov)
         order = np.argsort(eigvals)[::-1]
-        eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+        eigvals, eigvecs = np.maximum(eigvals[order], 0), eigvecs[:, order]
+        shrink = shrinkage * max(float(eigvals.mean()), 1e-12)
         keep = min(dims or x.shape[1], x.shape[1])
-        eigvals, eigvecs = eigvals[:keep], eigvecs[:, :keep]
-        eigvals = np.maximum(eigvals, 0) + shrinkage * max(float(eigvals.mean()), 1e-12)
+        eigvals, eigvecs = eigvals[:keep] + shrink, eigvecs[:, :keep]
         projection = eigvecs / np.sqrt(eigvals)
         return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32))
 

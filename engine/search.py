@@ -23,18 +23,19 @@ log = logging.getLogger(__name__)
 
 # Annoy nodes inspected per query; bench shows recall@10 against brute force at this setting.
 SEARCH_K_PER_ITEM = 100
-MIN_SEARCH_K = 7500
+MIN_SEARCH_K = 8500
 
 
 def check_compatible(index: LoadedIndex, extractor: FeatureExtractor, pooling: str) -> None:
     """Vectors of other weights, pooling or input size are not comparable: say so instead of answering."""
     m = index.manifest
-    wanted = (extractor.weights_id, pooling, extractor.image_size)
-    built = (m.weights, m.pooling, m.image_size)
+    wanted = (extractor.weights_id, pooling, extractor.image_size, extractor.framing)
+    built = (m.weights, m.pooling, m.image_size, m.framing)
     if wanted != built:
         raise ReindexRequired(
             f"The index {m.version} was built with weights {m.weights}, pooling {m.pooling}, "
-            f"size {m.image_size}; this engine runs weights {wanted[0]}, pooling {wanted[1]}, size {wanted[2]}.",
+            f"size {m.image_size}, framing {m.framing}; this engine runs weights {wanted[0]}, pooling {wanted[1]}, "
+            f"size {wanted[2]}, framing {wanted[3]} (VSEARCH_LOCALIZE).",
             "Rebuild it with `vsearch index CATALOG` (or /reindex in the chat).",
         )
 
@@ -102,7 +103,8 @@ class Searcher:
     # -- search ----------------------------------------------------------------------------------
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.extractor.embed(images, self.settings.pooling)
+        """Query photos -> vectors (localised first where the weights have a mask head)."""
+        return self.extractor.embed_queries(images, self.settings.pooling)
 
     def search(self, image_bytes: bytes, top_k: int) -> SearchResult:
         start = time.perf_counter()

@@ -11,9 +11,14 @@ from engine.errors import SettingsError
 from engine.pooling import POOLINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
+LOCALIZE_MODES = ("auto", "on", "off")  # auto: on when the weights carry a mask head (`vsearch train`)
 # Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
 DEFAULT_POOLING = "avg"
 DEFAULT_WHITENING = True
+# Principal directions the whitening keeps in the index (0: all of the pooled vector's 512). 256 halves the
+# Annoy index and its distance cost with no loss in `vsearch eval`, and lets `vsearch bench` meet its Annoy goal.
+DEFAULT_INDEX_DIMS = 256
+MIN_INDEX_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,10 @@ class EngineSettings:
     catalog: str | None = None
     pooling: str = DEFAULT_POOLING
     whitening: bool = DEFAULT_WHITENING
+    index_dims: int = DEFAULT_INDEX_DIMS  # dims the whitening keeps (0 = all); without whitening, all are kept
     image_size: int = 224
     threads: int = 0  # 0 = auto: all cores but one (see FeatureExtractor)
+    localize: str = "auto"
 
     @property
     def index_dir(self) -> Path:
@@ -49,8 +56,14 @@ class EngineSettings:
         if precision not in PRECISIONS:
             raise SettingsError("VSEARCH_PRECISION", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
         pooling = env.get("VSEARCH_POOLING", DEFAULT_POOLING).strip().lower() or DEFAULT_POOLING
+        index_dims = parse_int(env, "VSEARCH_INDEX_DIMS", DEFAULT_INDEX_DIMS, low=0, high=4096)
+        if 0 < index_dims < MIN_INDEX_DIMS:
+            raise SettingsError("VSEARCH_INDEX_DIMS", f"{index_dims} is below {MIN_INDEX_DIMS} (0 keeps all dims)")
         if pooling not in POOLINGS:
             raise SettingsError("VSEARCH_POOLING", f"{pooling!r} is not one of {', '.join(POOLINGS)}")
+        localize = env.get("VSEARCH_LOCALIZE", "auto").strip().lower() or "auto"
+        if localize not in LOCALIZE_MODES:
+            raise SettingsError("VSEARCH_LOCALIZE", f"{localize!r} is not one of {', '.join(LOCALIZE_MODES)}")
         return cls(
             data_dir=Path(env.get("VSEARCH_DATA_DIR", "").strip() or "vsearch-data"),
             weights=weights,
@@ -59,8 +72,10 @@ class EngineSettings:
             catalog=env.get("VSEARCH_CATALOG", "").strip() or None,
             pooling=pooling,
             whitening=parse_bool(env, "VSEARCH_WHITENING", DEFAULT_WHITENING),
+            index_dims=index_dims,
             image_size=parse_int(env, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
+            localize=localize,
         )
 
 

@@ -23,16 +23,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import models
 from tqdm import tqdm
 
-from engine.augment import TRAIN_PARAMS, clean_crop, photo_like
+from engine.augment import TRAIN_PARAMS, clean_crop, foreground_mask, photo_like_with_mask
 from engine.errors import CatalogError, ImageRejected, VsearchError, WeightsError
 from engine.evaluate import PLACEHOLDER_URL, run_eval, sample_products, split_products
 from engine.features import cpu_has_native_bf16, preprocess
 from engine.images import load_image_file
+from engine.localize import (
+    MASK_PREFIX,
+    MASK_STRIDE,
+    MaskHead,
+    catalog_crop,
+    clean_images,
+    mask_logits,
+    mask_target,
+    predict_masks,
+)
 from engine.pooling import gem_pool
-from engine.weights import file_sha256, load_weights
+from engine.weights import file_sha256, load_weights, random_features, vgg16_features
 from indexer.catalog import Catalog, parse_column_map, read_catalog
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,8 @@ VAL_CATALOG = "val_catalog.csv"
 CARD_FORMAT = 1
 CLEAN_ANCHOR_SHARE = 0.5  # anchors: half the catalog image as the index sees it, half a mild clean crop
 CLUTTER_SHARE = 0.8  # positives: phone-photo-like, most of them pasted on a cluttered background
+GREY_SHARE = 0.2  # positives in greyscale (SimCLR's recipe): shape must count, not colour alone
+MASK_LOSS_WEIGHT = 1.0  # the mask head's BCE beside the contrastive loss
 WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
 EXIT_INTERRUPTED = 130
 
@@ -97,17 +108,20 @@ class TrainConfig:
 
 
 class Embedder(nn.Module):
-    """The index's vector: VGG16 conv stack without its last max-pool, GeM (p=3), L2-normalised."""
+    """The index's vector (VGG16 conv stack without its last max-pool, GeM p=3, L2-normalised) and the
+    mask head's logits, from one pass."""
 
-    def __init__(self, features: nn.Sequential) -> None:
+    def __init__(self, features: nn.Sequential, mask_head: MaskHead) -> None:
         super().__init__()
         self.features = features  # kept whole so its state dict is torchvision's `features` layout
+        self.mask_head = mask_head
 
     def conv_maps(self, x: torch.Tensor) -> torch.Tensor:
         return self.features[:-1](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(gem_pool(self.conv_maps(x).float()), dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, logits = mask_logits(self.features, self.mask_head, x)
+        return F.normalize(gem_pool(maps.float()), dim=1), logits
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -123,11 +137,7 @@ def build_features(weights: str, arch: str, seed: int) -> tuple[nn.Sequential, s
     """The starting conv stack: (features, arch, start id). Random init is seeded and defaults to VGG16-BN."""
     if weights == "random":
         arch = "vgg16_bn" if arch == "auto" else arch
-        builder = models.vgg16_bn if arch == "vgg16_bn" else models.vgg16
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            features = builder(weights=None).features
-        return features, arch, f"random:{arch}:seed{seed}"
+        return random_features(arch, seed), arch, f"random:{arch}:seed{seed}"
     loaded = load_weights(weights)
     if arch not in ("auto", loaded.arch):
         raise WeightsError(
@@ -153,19 +163,24 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     a: torch.Tensor,
     b: torch.Tensor,
+    masks: torch.Tensor,
     temperature: float,
     precision: str = "fp32",
-) -> float:
-    """One optimisation step on a batch of view pairs; returns the loss. Both views share one forward (BN)."""
+) -> tuple[float, float]:
+    """One optimisation step on a batch of view pairs and their product masks (both views, (2N, S/4, S/4)).
+
+    Returns (contrastive loss, mask loss). Both views share one forward (batch norm sees them together).
+    """
     device = next(model.parameters()).device
     x = torch.cat([a, b]).to(device).contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):
-        z = model(x)
-    loss = nt_xent(z[: len(a)], z[len(a) :], temperature)
+        z, logits = model(x)
+    contrastive = nt_xent(z[: len(a)], z[len(a) :], temperature)
+    mask_loss = F.binary_cross_entropy_with_logits(logits.float()[:, 0], masks.to(device))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (contrastive + MASK_LOSS_WEIGHT * mask_loss).backward()
     optimizer.step()
-    return float(loss.detach())
+    return float(contrastive.detach()), float(mask_loss.detach())
 
 
 def lr_factor(progress: float) -> float:
@@ -218,15 +233,31 @@ class ImageCache:
         return Image.fromarray(arr) if arr is not None else self._decode(self.images[i].source)
 
 
-def make_views(anchor_img: Image.Image, positive_img: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+@dataclass(frozen=True)
+class View:
+    image: Image.Image
+    mask: Image.Image  # "L", the product's pixels: the mask head's target
+
+
+def make_views(anchor_img: Image.Image, positive_img: Image.Image, rng: random.Random) -> tuple[View, View]:
     """A catalog-like anchor and a phone-photo-like positive of the same product (training presets)."""
-    anchor = anchor_img if rng.random() < CLEAN_ANCHOR_SHARE else clean_crop(anchor_img, rng, params=TRAIN_PARAMS)
-    positive = photo_like(positive_img, rng, clutter=rng.random() < CLUTTER_SHARE, params=TRAIN_PARAMS)
-    if rng.random() < 0.5:
-        anchor = anchor.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if rng.random() < 0.5:
-        positive = positive.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return anchor, positive
+    anchor_img = anchor_img.convert("RGB")
+    if rng.random() < CLEAN_ANCHOR_SHARE:
+        anchor = catalog_crop(anchor_img)  # as the index sees it (framed on the product, see engine.localize)
+    else:
+        anchor = clean_crop(anchor_img, rng, params=TRAIN_PARAMS)
+    anchor_mask = Image.fromarray(foreground_mask(anchor).astype(np.uint8) * 255)
+    positive, positive_mask = photo_like_with_mask(
+        positive_img, rng, clutter=rng.random() < CLUTTER_SHARE, params=TRAIN_PARAMS
+    )
+    if rng.random() < GREY_SHARE:
+        positive = positive.convert("L").convert("RGB")
+    views = []
+    for image, mask in ((anchor, anchor_mask), (positive, positive_mask)):
+        if rng.random() < 0.5:
+            image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views.append(View(image, mask))
+    return views[0], views[1]
 
 
 class PairDataset(Dataset):
@@ -242,11 +273,13 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.products)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = random.Random(f"train:{self.seed}:{self.epoch}:{i}")
         images = self.products[i]
         a, b = make_views(self.cache.get(rng.choice(images)), self.cache.get(rng.choice(images)), rng)
-        return torch.from_numpy(preprocess(a, self.image_size)), torch.from_numpy(preprocess(b, self.image_size))
+        size = self.image_size
+        return (torch.from_numpy(preprocess(a.image, size)), torch.from_numpy(preprocess(b.image, size)),
+                torch.from_numpy(mask_target(a.mask, size)), torch.from_numpy(mask_target(b.mask, size)))
 
 
 def loader(dataset: PairDataset, batch_size: int, workers: int, seed: int, epoch: int) -> DataLoader:
@@ -317,15 +350,28 @@ class ModelExtractor:
         self.precision = precision
         self.weights_id = "training"
 
+    def _batch(self, images: Sequence[Image.Image], size: int) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
+        return batch.to(self.device).contiguous(memory_format=torch.channels_last)
+
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack([preprocess(im, self.image_size) for im in images]))
-        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            return self.model.conv_maps(batch).float().cpu()
+            return self.model.conv_maps(self._batch(images, self.image_size)).float().cpu()
+
+    def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """As `FeatureExtractor.localize`: the mask pass at the training size, then the clean-up."""
+        head = self.model.mask_head
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            probs = predict_masks(self.model.features, head, self._batch(images, int(head.image_size)))
+        return clean_images(list(images), probs)
 
 
-def validate(model: Embedder, val_catalog: Path, image_size: int, seed: int, device: torch.device, precision: str) -> dict[str, float | None]:
-    """GeM, no whitening, on the validation products: clean and cluttered photo-like recall (eval presets)."""
+def validate(
+    model: Embedder, val_catalog: Path, image_size: int, seed: int, device: torch.device, precision: str,
+    localize: bool = True,
+) -> dict[str, float | None]:
+    """GeM, no whitening, on the validation products: clean and cluttered photo-like recall (eval presets),
+    queries localised by the mask head as `Searcher.search` does (not before training: the head is untrained)."""
     was_training = model.training
     model.eval()
     try:
@@ -337,6 +383,7 @@ def validate(model: Embedder, val_catalog: Path, image_size: int, seed: int, dev
             whitening=(False,),
             include_seed_baseline=False,
             queries=("photo", "clean"),
+            localize=localize,
             progress=False,
         )
     finally:
@@ -366,9 +413,11 @@ def _write_json_atomic(data: Any, path: Path) -> None:
 
 
 def features_state(model: Embedder) -> dict[str, torch.Tensor]:
-    """torchvision `features` state dict on the CPU, float32: what `VSEARCH_WEIGHTS=path` loads."""
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-            for k, v in model.features.state_dict().items()}
+    """torchvision `features` state dict plus the mask head's (`mask_head.*`), on the CPU, float32:
+    what `VSEARCH_WEIGHTS=path` loads."""
+    state = dict(model.features.state_dict())
+    state.update({MASK_PREFIX + k: v for k, v in model.mask_head.state_dict().items()})
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()}
 
 
 @dataclass
@@ -421,12 +470,15 @@ def train(config: TrainConfig) -> TrainResult:
     if len(train_ids) < 2:
         raise CatalogError(f"only {len(train_ids)} training product(s)", "Training needs at least 2 products; lower --eval-fraction.")
     train_set = set(train_ids)
+    # The validation products choose the best epoch; the rest of the held-out products (`test`) never
+    # influence the run and are the ones to report figures on.
+    val_ids = sample_products(eval_ids, config.val_limit, config.seed)
+    test_ids = [p for p in eval_ids if p not in set(val_ids)]
     _write_json_atomic(
         {"catalog": str(catalog.path), "catalog_sha256": catalog.sha256, "eval_fraction": config.eval_fraction,
-         "seed": config.seed, "train": train_ids, "eval": eval_ids},
+         "seed": config.seed, "train": train_ids, "eval": eval_ids, "val": val_ids, "test": test_ids},
         out / SPLIT,
     )
-    val_ids = sample_products(eval_ids, config.val_limit, config.seed)
     val_catalog = write_val_catalog(catalog, val_ids, out / VAL_CATALOG)
     val_size = config.val_image_size or config.image_size
 
@@ -439,13 +491,15 @@ def train(config: TrainConfig) -> TrainResult:
                 f"the catalog changed since the checkpoint in {out} was written",
                 "Resume with the same catalog file, or start a new run with another --out.",
             )
-        features = (models.vgg16_bn if state.arch == "vgg16_bn" else models.vgg16)(weights=None).features
-        features.load_state_dict(checkpoint["features"])
-        arch = state.arch
+        model = Embedder(vgg16_features(batch_norm=state.arch == "vgg16_bn"), MaskHead(image_size=config.image_size))
+        model.load_state_dict(checkpoint["model"])
     else:
         features, arch, start_id = build_features(config.weights, config.arch, config.seed)
         state = TrainState(start_weights=start_id, arch=arch, catalog_sha256=catalog.sha256)
-    model = Embedder(features).to(device).to(memory_format=torch.channels_last)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = Embedder(features, MaskHead(image_size=config.image_size))
+    model = model.to(device).to(memory_format=torch.channels_last)
     for param in model.parameters():
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -484,7 +538,8 @@ def train(config: TrainConfig) -> TrainResult:
             "catalog": str(catalog.path),
             "catalog_sha256": catalog.sha256,
             "split": {"file": str(out / SPLIT), "eval_fraction": config.eval_fraction, "seed": config.seed,
-                      "train_products": len(train_ids), "eval_products": len(eval_ids)},
+                      "train_products": len(train_ids), "eval_products": len(eval_ids),
+                      "val_products": len(val_ids), "test_products": len(test_ids)},
             "epochs_planned": config.epochs,
             "epochs_done": state.epochs_done,
             "steps_done": state.steps_done,
@@ -492,13 +547,19 @@ def train(config: TrainConfig) -> TrainResult:
             "image_size": config.image_size,
             "batch_size": batch_size,
             "loss": {"name": "nt-xent (SimCLR, two views per product)", "temperature": config.temperature,
-                     "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None},
+                     "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None,
+                     "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
+                     "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None},
+            "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
+                          "used": "queries only (Searcher.search), VSEARCH_LOCALIZE=auto"},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,
                           "schedule": f"warm-up {WARMUP:.0%}, cosine to 0 over epochs or --minutes"},
             "augment": {"preset": TRAIN_PARAMS.name, "clean_anchor_share": CLEAN_ANCHOR_SHARE,
-                        "clutter_share": CLUTTER_SHARE},
+                        "clutter_share": CLUTTER_SHARE, "grey_share": GREY_SHARE},
             "validation": {"catalog": str(val_catalog), "products": len(val_ids), "image_size": val_size,
-                           "method": "gem, no whitening; eval presets and seeds (engine.evaluate)",
+                           "method": "gem, no whitening, queries localised after epoch 0; eval presets and seeds "
+                                     "(engine.evaluate); picks the best epoch, so report figures on the split's "
+                                     "`test` products",
                            "before": state.before, "after": state.best},
             "history": state.history,
             "wall_seconds": round(state.seconds, 1),
@@ -511,7 +572,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     def save_checkpoint() -> None:
         state.seconds = elapsed()
-        _save_atomic({"features": features_state(model), "optimizer": optimizer.state_dict(), "state": asdict(state)},
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state)},
                      ckpt_path)
 
     interrupted = False
@@ -520,7 +581,7 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is None:
             log.info("validating the starting weights (%s) on %d eval products", state.start_weights, len(val_ids))
             val_start = time.perf_counter()
-            state.before = validate(model, val_catalog, val_size, config.seed, device, precision)
+            state.before = validate(model, val_catalog, val_size, config.seed, device, precision, localize=False)
             last_val_seconds = time.perf_counter() - val_start
             state.best = dict(state.before)
             log.info("before training: %s", _fmt_metrics(state.before))
@@ -533,19 +594,24 @@ def train(config: TrainConfig) -> TrainResult:
                 break
             epoch_start = time.perf_counter()
             losses: list[float] = []
+            mask_losses: list[float] = []
             out_of_time = False
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                        disable=not config.progress)
-            for a, b in loader(dataset, batch_size, config.workers, config.seed, epoch):
+            for a, b, mask_a, mask_b in loader(dataset, batch_size, config.workers, config.seed, epoch):
                 progress = state.steps_done / max(total_steps, 1)
                 if budget is not None:
                     progress = max(progress, elapsed() / budget)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(progress)
-                losses.append(train_step(model, optimizer, a, b, config.temperature, precision))
+                loss, mask_loss = train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), config.temperature,
+                                             precision)
+                losses.append(loss)
+                mask_losses.append(mask_loss)
                 state.steps_done += 1
                 rate = 2 * batch_size * len(losses) / (time.perf_counter() - epoch_start)
-                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}", "img/s": f"{rate:.1f}"}
+                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}", "mask": f"{np.mean(mask_losses[-20:]):.3f}",
+                           "img/s": f"{rate:.1f}"}
                 if budget is not None:
                     postfix["left"] = f"{max(0.0, budget - elapsed()) / 60:.1f}min"
                 bar.set_postfix(postfix)
@@ -561,6 +627,7 @@ def train(config: TrainConfig) -> TrainResult:
             state.epochs_done = epoch
             state.history.append({
                 "epoch": epoch, "steps": len(losses), "loss": round(float(np.mean(losses)), 4) if losses else None,
+                "mask_loss": round(float(np.mean(mask_losses)), 4) if mask_losses else None,
                 "images_per_s": round(2 * batch_size * len(losses) / max(train_seconds, 1e-9), 2),
                 "train_seconds": round(train_seconds, 1), "val_seconds": round(last_val_seconds, 1),
                 "lr": optimizer.param_groups[0]["lr"], "val": metrics, "load": [round(x, 2) for x in os.getloadavg()],

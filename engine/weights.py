@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.errors import WeightsError
+from engine.localize import MaskHead, load_head, split_state
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class LoadedWeights:
     features: nn.Sequential  # the conv part only; the classifier is never kept
     weights_id: str  # recorded in the index manifest, e.g. "imagenet:397923af"
     arch: str  # "vgg16" or "vgg16_bn"
+    mask_head: MaskHead | None = None  # the product localiser, in weights written by `vsearch train`
 
 
 def hub_checkpoint_path() -> Path:
@@ -149,5 +151,14 @@ def load_weights(spec: str, progress: bool = True) -> LoadedWeights:
         raise WeightsError(
             f"Weights file {path} does not exist.", "Set VSEARCH_WEIGHTS to 'imagenet', 'random' or a .pth file."
         )
-    features, arch = _build(_features_state(_load_state_file(path)), str(path))
-    return LoadedWeights(features=features, weights_id=f"file:{path.name}:{file_sha256(path)[:12]}", arch=arch)
+    conv_state, head_state = split_state(_load_state_file(path))
+    features, arch = _build(_features_state(conv_state), str(path))
+    try:
+        head = load_head(head_state) if head_state else None
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"The mask head in {path} does not fit this version's: {str(exc)[:300]}",
+            "Retrain with `vsearch train` of this version, or strip the mask_head.* keys from the file.",
+        ) from exc
+    return LoadedWeights(features=features, weights_id=f"file:{path.name}:{file_sha256(path)[:12]}", arch=arch,
+                         mask_head=head)

@@ -67,7 +67,7 @@ def annoy_trees(n_items: int) -> int:
 
 
 def _decode(data: bytes, extractor: FeatureExtractor) -> np.ndarray:
-    return extractor.preprocess(load_image(data, draft_size=extractor.image_size))
+    return extractor.preprocess(extractor.frame_catalog_image(load_image(data, draft_size=extractor.image_size)))
 
 
 def embed_catalog_images(
@@ -158,7 +158,10 @@ def build_index(
     pooling = settings.pooling
     cache = None
     if use_cache:
-        cache = FeatureCache(settings.cache_dir, f"{extractor.weights_id}|{pooling}|{extractor.image_size}")
+        namespace = f"{extractor.weights_id}|{pooling}|{extractor.image_size}"
+        if extractor.framing != "whole":
+            namespace += f"|{extractor.framing}"  # unchanged for whole images: existing caches stay valid
+        cache = FeatureCache(settings.cache_dir, namespace)
     try:
         vectors_by_ref, failures, extracted = embed_catalog_images(
             catalog.images, extractor, pooling, cache, fetch_settings or FetchSettings(), progress
@@ -183,7 +186,9 @@ def build_index(
     matrix = np.stack([vectors_by_ref[i] for i in order]).astype(np.float32)
     image_rows = [(catalog.images[i].product_id, catalog.images[i].source) for i in order]
     products = _indexed_products(catalog, image_rows)
-    whitening = Whitening.fit(matrix) if settings.whitening and len(matrix) >= 2 else None
+    whitening = (
+        Whitening.fit(matrix, dims=settings.index_dims or None) if settings.whitening and len(matrix) >= 2 else None
+    )
     if whitening is not None:
         matrix = whitening.apply(matrix)
 
@@ -206,6 +211,7 @@ def build_index(
             catalog_sha256=catalog.sha256,
             n_trees=annoy_trees(len(image_rows)),
             build_seconds=round(time.perf_counter() - start, 2),
+            framing=extractor.framing,
             extra={"precision": extractor.precision, "bad_rows": len(errors)},
         )
         write_version_files(tmp, manifest, matrix, image_rows, products, whitening)

@@ -33,10 +33,13 @@ EXPECTED_METRICS = (
     "annoy_n_trees",
     "annoy_search_k",
     "annoy_build_s",
+    "annoy_dims",
     "peak_rss_mb",
     "peak_rss_demo_mb",
     "limit_images_per_s",
     "model_fraction_of_limit",
+    "localize_p50_ms",
+    "localize_overhead",
 )
 
 
@@ -58,6 +61,7 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert metrics["pipeline_images"] == quick.images
     # 2000 vectors with search_k 5000 is an exhaustive search: anything short of ~1 means a counting bug.
     assert metrics["annoy_recall_at_10"] >= 0.9
+    assert metrics["annoy_dims"] == bench.DIMS  # the engine's index dims (VSEARCH_INDEX_DIMS)
     assert metrics["model_best_batch"] in quick.batch_sizes
     assert set(report["details"]["model_by_batch"]) == {str(b) for b in quick.batch_sizes}
     assert report["details"]["rss_index"].startswith(f"{quick.vectors} images")
@@ -66,10 +70,11 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
                             "after 1st query", "after queries"]
     assert metrics["peak_rss_mb"] >= max(stages.values())  # VmHWM is the high-water mark of VmRSS
     assert report["environment"]["image_size"] == 64
-    assert len(report["goals"]) == 5 and all(g["result"] for g in report["goals"])
+    assert len(report["goals"]) == 6 and all(g["result"] for g in report["goals"])
+    assert report["details"]["localize_head"].startswith("untrained stand-in")
     table = capsys.readouterr().out
     assert "| # | measure | result | goal | met |" in table
-    assert table.count("\n| ") >= 6  # header row + 5 goal rows
+    assert table.count("\n| ") >= 7  # header row + 6 goal rows
     assert not (tmp_path / "untouched").exists()  # the bench builds everything in its own temp folder
 
 
@@ -132,3 +137,14 @@ def test_percentile_and_timed_calls():
     calls = []
     times = bench.timed_calls(lambda: calls.append(1), seconds=0.0, min_calls=3)
     assert len(times) == len(calls) == 3 and all(t >= 0 for t in times)
+
+
+def test_bench_measures_annoy_at_the_engines_index_dims():
+    from engine.settings import EngineSettings
+
+    default = EngineSettings()
+    assert bench.DIMS == bench.index_dims(default) == default.index_dims == 256
+    assert bench.index_dims(EngineSettings(index_dims=0)) == bench.POOLED_DIMS  # 0 keeps all
+    assert bench.index_dims(EngineSettings(index_dims=1000)) == bench.POOLED_DIMS
+    assert bench.index_dims(EngineSettings(whitening=False)) == bench.POOLED_DIMS  # no whitening, no reduction
+    assert "256 of 512" in bench.index_dims_note(default)

@@ -77,8 +77,9 @@ def test_report_structure_and_ranges(report_and_extractor):
     report, extractor = report_and_extractor
     assert [m.method for m in report.methods] == METHOD_NAMES
     assert report.products == 12 and report.images == 16
-    # 4 products x 2 images are same-product queries; every image is a photo, clean and category query
-    assert report.queries == {"same": 8, "category": 16, "photo": 16, "clean": 16}
+    # 4 products x 2 images are same-product queries; every image is a cluttered, plain photo, clean and
+    # category query
+    assert report.queries == {"same": 8, "category": 16, "photo": 16, "plain": 16, "clean": 16}
     for m in report.methods:
         assert set(m.metrics) == set(METRICS)
         for name, value in m.metrics.items():
@@ -89,8 +90,8 @@ def test_report_structure_and_ranges(report_and_extractor):
     baseline = report.methods[-1]
     assert baseline.distance == "euclidean" and baseline.dims == 512 * 4 * 4  # 8x8 maps, 2x2 max-pooled
     assert all(m.distance == "cosine" and m.dims == 512 for m in report.methods[:-1])
-    # conv maps are computed once per catalog image and once per query image: 16 + 16 + 16
-    assert extractor.images_seen == 48
+    # conv maps are computed once per catalog image and once per query image: 16 + 3 x 16
+    assert extractor.images_seen == 64
     assert report.weights_id == "fake:pixels" and report.image_size == 32
     assert any("product_id" in note for note in report.notes)
 
@@ -112,7 +113,8 @@ def test_markdown_and_json(report_and_extractor):
     text = report.to_markdown()
     for name in METHOD_NAMES:
         assert f"| {name} |" in text
-    assert "fake:pixels" in text and "same mAP@10 (n=8)" in text and "photo R@5 (n=16)" in text
+    assert "fake:pixels" in text and "same mAP@10 (n=8)" in text and "cluttered R@5 (n=16)" in text
+    assert "photo-like R@5 (n=16)" in text
     data = json.loads(report.to_json())
     assert data["best"] == report.best_pooling().method
     assert len(data["methods"]) == len(METHOD_NAMES)

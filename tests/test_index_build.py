@@ -25,7 +25,8 @@ def test_build_writes_manifest_and_switches(demo_catalog, engine_settings, extra
     assert manifest.products == 16 and report.products == 16
     assert manifest.images == 20 == report.images_indexed  # every fourth product has a second photo
     assert manifest.weights == "random:seed0" and manifest.pooling == engine_settings.pooling
-    assert manifest.dims == 512 and manifest.image_size == engine_settings.image_size
+    # The whitening keeps VSEARCH_INDEX_DIMS principal directions (default 256) of the 512-dim pooled vector.
+    assert manifest.dims == engine_settings.index_dims == 256 and manifest.image_size == engine_settings.image_size
     assert manifest.catalog_path == str(demo_catalog.absolute())
     assert len(manifest.catalog_sha256) == 64
     folder = engine_settings.index_dir / report.version

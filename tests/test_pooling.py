@@ -62,3 +62,23 @@ def test_whitening_decorrelates_and_round_trips(tmp_path):
     white.save(tmp_path / "w.npz")
     again = Whitening.load(tmp_path / "w.npz")
     np.testing.assert_allclose(again.apply(vectors), out, rtol=1e-5)
+
+
+def test_whitening_dims_keeps_the_leading_directions_whitened_as_at_full_dims():
+    rng = np.random.default_rng(1)
+    vectors = l2n(rng.normal(size=(300, 16)) * np.arange(16, 0, -1))  # falling variance spectrum
+    full = Whitening.fit(vectors)
+    reduced = Whitening.fit(vectors, dims=6)
+    assert full.dims == 16 and reduced.dims == 6
+    np.testing.assert_allclose(reduced.mean, full.mean)
+    # The same first 6 columns (eigenvectors up to sign, same shrunk scale): truncation changes nothing else.
+    np.testing.assert_allclose(np.abs(reduced.projection), np.abs(full.projection[:, :6]), rtol=1e-4, atol=1e-6)
+    out = reduced.apply(vectors)
+    assert out.shape == (300, 6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert Whitening.fit(vectors, dims=64).dims == 16  # more than there are: all of them
+
+
+def test_whitening_refuses_zero_dims():
+    with pytest.raises(ValueError, match="dims"):
+        Whitening.fit(l2n(np.eye(4) + 0.1), dims=0)

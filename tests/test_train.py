@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from engine.features import preprocess
+from engine.localize import MaskHead, mask_target
 from engine.settings import EngineSettings
 from engine.train import (
     CARD,
@@ -77,23 +79,31 @@ def test_views_are_seeded_and_differ_from_each_other(catalog: Path) -> None:
     img = Image.open(catalog.parent / "images" / "demo-002-1.jpg").convert("RGB")
     a1, p1 = make_views(img, img, random.Random("x"))
     a2, p2 = make_views(img, img, random.Random("x"))
-    assert a1.tobytes() == a2.tobytes() and p1.tobytes() == p2.tobytes()
-    assert p1.size == img.size and a1.tobytes() != p1.tobytes()
+    assert a1.image.tobytes() == a2.image.tobytes() and p1.image.tobytes() == p2.image.tobytes()
+    assert p1.mask.tobytes() == p2.mask.tobytes()
+    assert p1.image.size == img.size and a1.image.tobytes() != p1.image.tobytes()
+    for view in (a1, p1):
+        assert view.mask.mode == "L" and view.mask.size == view.image.size
+        covered = np.asarray(view.mask).mean() / 255
+        assert 0.02 < covered < 0.98  # the product: neither nothing nor the whole picture
 
 
 def test_loss_falls_on_a_fixed_batch(catalog: Path) -> None:
     torch.manual_seed(0)
     features, arch, _ = build_features("random", "auto", seed=0)
     assert arch == "vgg16_bn"
-    model = Embedder(features).to(memory_format=torch.channels_last).train()
+    model = Embedder(features, MaskHead(image_size=SIZE)).to(memory_format=torch.channels_last).train()
     files = sorted((catalog.parent / "images").glob("*-1.jpg"))[:4]
     pairs = [make_views(Image.open(f).convert("RGB"), Image.open(f).convert("RGB"), random.Random(i))
              for i, f in enumerate(files)]
-    a = torch.from_numpy(np.stack([preprocess(x, SIZE) for x, _ in pairs]))
-    b = torch.from_numpy(np.stack([preprocess(y, SIZE) for _, y in pairs]))
+    a = torch.from_numpy(np.stack([preprocess(x.image, SIZE) for x, _ in pairs]))
+    b = torch.from_numpy(np.stack([preprocess(y.image, SIZE) for _, y in pairs]))
+    masks = torch.from_numpy(np.stack([mask_target(v.mask, SIZE) for v in [x for x, _ in pairs] + [y for _, y in pairs]]))
+    assert masks.shape == (8, SIZE // 4, SIZE // 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = [train_step(model, optimizer, a, b, 0.1) for _ in range(8)]
+    losses, mask_losses = zip(*[train_step(model, optimizer, a, b, masks, 0.1) for _ in range(8)], strict=True)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    assert np.mean(mask_losses[-3:]) < 0.9 * np.mean(mask_losses[:3]), mask_losses
 
 
 def test_run_writes_checkpoint_weights_card_and_split(run) -> None:
@@ -110,7 +120,8 @@ def test_run_writes_checkpoint_weights_card_and_split(run) -> None:
     assert set(card["validation"]["before"]) >= {"photo_r5", "clean_r5"}
     assert card["validation"]["before"]["clean_r5"] is not None
     assert [h["epoch"] for h in card["history"]] == [1, 2]
-    assert all(h["loss"] > 0 for h in card["history"])
+    assert all(h["loss"] > 0 and h["mask_loss"] > 0 for h in card["history"])
+    assert card["mask_head"]["image_size"] == SIZE
     assert card["wall_seconds"] > 0 and card["device"]
 
 
@@ -123,7 +134,9 @@ def test_split_is_product_disjoint_and_validation_uses_eval_products_only(run) -
     assert len(set(split["eval"]) | set(split["train"])) == 8
     val_rows = (out / "val_catalog.csv").read_text().splitlines()[1:]
     val_ids = {row.split(",")[0] for row in val_rows}
-    assert val_ids == set(split["eval"])
+    assert val_ids == set(split["val"]) and set(split["val"]) <= set(split["eval"])
+    # The test products never chose anything: held out and not validated on.
+    assert set(split["test"]) == set(split["eval"]) - set(split["val"])
 
 
 def test_resume_continues_from_the_checkpoint(run) -> None:
@@ -147,6 +160,7 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     config, result = run
     loaded = load_weights(str(result.weights))
     assert loaded.arch == "vgg16_bn" and loaded.weights_id.startswith("file:weights.pth:")
+    assert loaded.mask_head is not None and int(loaded.mask_head.image_size) == SIZE
     settings = EngineSettings(data_dir=tmp_path / "data", weights=str(result.weights), precision="fp32",
                               image_size=SIZE)
     report = build_index(catalog, settings)
@@ -155,9 +169,20 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     from engine.search import Searcher
 
     searcher = Searcher(settings)
+    assert searcher.extractor.localizes  # VSEARCH_LOCALIZE=auto: on, the weights have a mask head
+    assert searcher.manifest.framing == "product"
     query = (catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
-    found = searcher.search(query, 3)
-    assert found.matches and found.matches[0].product.id == "demo-003"
+    assert len(searcher.search(query, 3).matches) == 3  # two epochs at 40 px: the mask head is not trained yet
+
+    # Localisation off: the index framed on products no longer fits; rebuilt, the product is found.
+    from engine.errors import ReindexRequired
+
+    plain = dataclasses.replace(settings, localize="off")
+    with pytest.raises(ReindexRequired, match="framing"):
+        Searcher(plain).search(query, 3)
+    build_index(catalog, plain)
+    found = Searcher(plain).search(query, 3)
+    assert found.matches[0].product.id == "demo-003"
 
 
 def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path, capsys) -> None:

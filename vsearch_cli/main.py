@@ -141,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from indexer.catalog import parse_column_map
 
     settings = _settings()
+    split = read_split_file(Path(args.split_file)) if args.split_file else args.eval_split
     extractor = FeatureExtractor.from_settings(settings)
     report = run_eval(
         args.catalog,
@@ -149,7 +150,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         category_field=args.category_field,
-        split=args.eval_split,
+        split=split,
+        localize=extractor.localizes,
+        white_dims=(None, settings.index_dims or None),  # full dims and the index's (VSEARCH_INDEX_DIMS)
     )
     markdown = report.to_markdown()
     print(markdown)
@@ -158,6 +161,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(markdown, encoding="utf-8")
     return EXIT_OK
+
+
+def read_split_file(path: Path) -> tuple[list[str], list[str]]:
+    """(train ids, held-out ids) of a split.json written by `vsearch train`: its `test` products where it
+    has them (the validation products chose the best epoch), else all of `eval`."""
+    from engine.errors import CatalogError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        held_out = data.get("test") or data["eval"]
+        train = data["train"]
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CatalogError(
+            f"cannot read the split file {path}: {exc}", "Pass the split.json written by `vsearch train --out RUN`."
+        ) from exc
+    if not isinstance(train, list) or not isinstance(held_out, list):
+        raise CatalogError(f"{path} is not a vsearch train split", "Its train and eval entries must be lists of ids.")
+    return [str(p) for p in train], [str(p) for p in held_out]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -222,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="FRACTION",
         help="product-disjoint split: fit whitening on the other products, measure on this share only",
+    )
+    p.add_argument(
+        "--split-file",
+        metavar="SPLIT_JSON",
+        help="the split.json of a `vsearch train` run: measure on its held-out test products only "
+        "(whitening fitted on its training products)",
     )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--markdown", help="also write the markdown table to this file")

@@ -1,0 +1,186 @@
+"""Product localisation: the mask head's plumbing and the clean-up that puts the product on white."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from engine.augment import EVAL_PARAMS, photo_like_with_mask
+from engine.localize import (
+    MASK_PREFIX,
+    MASK_STRIDE,
+    CleanupParams,
+    MaskHead,
+    block_outputs,
+    clean_image,
+    mask_target,
+    split_state,
+    unpad,
+)
+from engine.weights import random_features, vgg16_features
+
+
+def red_shoe(size: int = 200) -> Image.Image:
+    """A red shoe-like shape on a white catalogue background."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.polygon([(30, 120), (60, 70), (120, 80), (170, 120), (170, 140), (30, 140)], fill=(200, 20, 20))
+    return img
+
+
+def red_share(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img.convert("RGB")).astype(int)
+    return (arr[..., 0] > 140) & (arr[..., 1] < 90) & (arr[..., 2] < 90)
+
+
+def test_photo_like_with_mask_is_the_photo_like_image_and_marks_the_product() -> None:
+    from engine.augment import photo_like
+
+    shoe = red_shoe()
+    for seed in range(4):
+        photo, mask = photo_like_with_mask(shoe, random.Random(seed))
+        assert photo.tobytes() == photo_like(shoe, random.Random(seed)).tobytes()  # eval queries unchanged
+        m = np.asarray(mask) > 127
+        red = red_share(photo)
+        assert red.sum() > 100
+        # Nearly every clearly red pixel is inside the mask; the mask is not the whole picture.
+        assert (red & m).sum() >= 0.9 * red.sum()
+        assert m.mean() < 0.95
+
+
+def test_block_outputs_are_the_five_conv_blocks() -> None:
+    features = vgg16_features(batch_norm=True)
+    blocks = block_outputs(features, torch.zeros(1, 3, 64, 64))
+    assert [b.shape[1] for b in blocks] == [64, 128, 256, 512, 512]
+    assert [b.shape[-1] for b in blocks] == [64, 32, 16, 8, 4]
+    # The engine runs the stack without its last max-pool: the last block is still there.
+    assert block_outputs(features[:-1], torch.zeros(1, 3, 64, 64))[-1].shape == blocks[-1].shape
+
+
+def test_mask_head_gives_one_logit_per_4x4_cell() -> None:
+    features = random_features("vgg16_bn")
+    head = MaskHead(image_size=64)
+    logits = head(*block_outputs(features, torch.zeros(2, 3, 64, 64))[2:5])
+    assert logits.shape == (2, 1, 64 // MASK_STRIDE, 64 // MASK_STRIDE)
+
+
+def test_mask_target_is_fitted_and_padded_like_preprocess() -> None:
+    mask = Image.new("L", (200, 100), 0)
+    mask.paste(255, (0, 0, 100, 100))  # left half of a landscape image
+    target = mask_target(mask, 64)
+    assert target.shape == (16, 16)
+    # preprocess pads a 2:1 image top and bottom: the first and last rows of cells are padding.
+    assert target[0].max() == 0 and target[-1].max() == 0
+    assert target[8, 2] == pytest.approx(1.0) and target[8, 13] == pytest.approx(0.0)
+
+
+def test_unpad_keeps_the_image_part_of_the_square() -> None:
+    prob = np.zeros((40, 40), np.float32)
+    prob[10:30] = 1  # a 2:1 image fills rows 10..29 of its padded square
+    region = unpad(prob, 200, 100)
+    assert region.shape == (20, 40) and region.min() == 1
+
+
+def test_clean_image_cuts_the_product_out_of_clutter() -> None:
+    """A product pasted into clutter: with its mask, the crop holds all of it, on white, and little else."""
+    shoe = red_shoe()
+    photo, mask = photo_like_with_mask(shoe, EVAL_PARAMS.rng(0, "clutter"), clutter=True)
+    side = max(photo.size)
+    # The mask as the head would give it: over the padded square canvas, at a coarse resolution.
+    square = Image.new("L", (side, side), 0)
+    square.paste(mask, ((side - photo.width) // 2, (side - photo.height) // 2))
+    prob = np.asarray(square.resize((side // 8, side // 8), Image.Resampling.BOX), dtype=np.float32) / 255
+    cleaned = clean_image(photo, prob)
+    assert cleaned is not None
+    red_in, red_all = red_share(cleaned).sum(), red_share(photo).sum()
+    assert red_in >= 0.9 * red_all  # the product is in the crop
+    assert cleaned.width * cleaned.height < 0.8 * photo.width * photo.height  # clutter was cropped off
+    arr = np.asarray(cleaned).astype(int)
+    corners = np.concatenate([arr[:3, :3].reshape(-1, 3), arr[-3:, -3:].reshape(-1, 3)])
+    assert (corners > 240).all()  # around the product: the catalog's white
+
+
+def test_clean_image_keeps_the_photo_when_the_mask_is_not_trusted() -> None:
+    photo = red_shoe()
+    assert clean_image(photo, np.zeros((28, 28), np.float32)) is None  # nothing found
+    assert clean_image(photo, np.ones((28, 28), np.float32)) is None  # everything: nothing to remove
+    tiny = np.zeros((28, 28), np.float32)
+    tiny[14, 14] = 1
+    assert clean_image(photo, tiny, CleanupParams(min_area=0.03)) is None
+
+
+def test_split_state_separates_the_head() -> None:
+    head = MaskHead(image_size=96)
+    state = {"0.weight": torch.zeros(1)} | {MASK_PREFIX + k: v for k, v in head.state_dict().items()}
+    conv, head_state = split_state(state)
+    assert list(conv) == ["0.weight"]
+    assert head_state is not None and int(head_state["image_size"]) == 96
+    assert split_state({"0.weight": torch.zeros(1)})[1] is None
+
+
+def test_localize_on_needs_a_mask_head() -> None:
+    from engine.errors import WeightsError
+    from engine.features import FeatureExtractor
+
+    with pytest.raises(WeightsError, match="mask head"):
+        FeatureExtractor("random", "fp32", image_size=64, localize="on")
+
+
+def test_folding_batch_norm_keeps_the_outputs() -> None:
+    from engine.features import fold_batch_norm
+
+    features = random_features("vgg16_bn")[:-1]
+    for module in features.modules():  # non-trivial statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.running_mean, -0.2, 0.2)
+            torch.nn.init.uniform_(module.running_var, 0.5, 2.0)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.1, 0.1)
+    features.eval()
+    folded = fold_batch_norm(features)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = features(x), folded(x)
+        ref_blocks, out_blocks = block_outputs(features, x), block_outputs(folded, x)
+    assert torch.allclose(ref, out, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+    assert [b.shape for b in ref_blocks] == [b.shape for b in out_blocks]
+
+
+def test_localize_setting_is_validated() -> None:
+    from engine.errors import SettingsError
+    from engine.settings import EngineSettings
+
+    assert EngineSettings.from_env({}).localize == "auto"
+    assert EngineSettings.from_env({"VSEARCH_LOCALIZE": "Off"}).localize == "off"
+    with pytest.raises(SettingsError, match="VSEARCH_LOCALIZE"):
+        EngineSettings.from_env({"VSEARCH_LOCALIZE": "maybe"})
+
+
+def test_eval_split_file_measures_the_held_out_test_products_only(tmp_path, demo_catalog, monkeypatch, capsys) -> None:
+    """`vsearch eval --split-file RUN/split.json`: train products fit the whitening, test products are measured
+    (not the validation products, which chose the best epoch)."""
+    import csv
+    import json
+
+    from vsearch_cli.main import main as cli_main
+
+    with open(demo_catalog, newline="", encoding="utf-8") as fh:
+        ids = list(dict.fromkeys(row["id"] for row in csv.DictReader(fh)))
+    split = {"train": ids[:-5], "eval": ids[-5:], "val": ids[-5:-3], "test": ids[-3:]}
+    (tmp_path / "split.json").write_text(json.dumps(split), encoding="utf-8")
+    monkeypatch.setenv("VSEARCH_WEIGHTS", "random")
+    monkeypatch.setenv("VSEARCH_IMAGE_SIZE", "64")
+    out = tmp_path / "report.json"
+    assert cli_main(["eval", str(demo_catalog), "--split-file", str(tmp_path / "split.json"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["split"] == {"train_products": len(ids) - 5, "eval_products": 3}
+    assert report["products"] == 3 and report["localized"] is False
+    assert "cluttered R@5" in capsys.readouterr().out
+
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    assert cli_main(["eval", str(demo_catalog), "--split-file", str(tmp_path / "bad.json")]) != 0

@@ -3,8 +3,8 @@
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at 224 px, GeM pooling, every configuration of
-whitening (fitted on the evaluated catalog itself, as `vsearch index` does) and, for weights with a mask
-head, localisation on and off:
+whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
+(re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:
 - on the split's test products (held out and never used to pick an epoch): clean, photo-like and
   cluttered photo-like recall@1/@5 (engine.evaluate.run_eval, the code of `vsearch eval`);
 - category precision@5 on --categories (a seeded sample of products that were not in the training
@@ -67,7 +67,7 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     extractor = FeatureExtractor(spec, "auto", image_size=SIZE, localize=localize)
     on = extractor.localizes
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
-              "localize": on, "seed": args.seed}
+              "localize": on, "query_expansion": True, "seed": args.seed}
     start = time.perf_counter()
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)
     cats = run_eval(args.categories, column_map={"id": "product_id"}, limit=args.categories_limit, queries=(),

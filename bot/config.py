@@ -29,6 +29,7 @@ class BotSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    public_url: str | None = None  # public base URL of the HTTP app, no trailing slash (VSEARCH_PUBLIC_URL)
     admin_ids: frozenset[str] = frozenset()
     redis_url: str | None = field(default=None, repr=False)
     telegram_bot_token: str | None = field(default=None, repr=False)
@@ -91,6 +92,7 @@ class BotSettings:
             engine=EngineSettings.from_env(env),
             http_host=_host(env),
             http_port=_port(env),
+            public_url=_public_url(env),
             admin_ids=_admin_ids(env),
             redis_url=_redis_url(env),
             telegram_bot_token=telegram_token,
@@ -148,6 +150,32 @@ def _port(env: Mapping[str, str]) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise SettingsError("VSEARCH_HTTP_PORT", f"{raw!r} is not a port number between 1 and 65535")
     return int(raw)
+
+
+def _public_url(env: Mapping[str, str]) -> str | None:
+    """VSEARCH_PUBLIC_URL: an absolute https base URL (http only for loopback), without query or fragment."""
+    raw = env.get("VSEARCH_PUBLIC_URL", "").strip()
+    if not raw:
+        return None
+    example = "https://shop.example/vsearch"
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018  (raises ValueError on a non-numeric port)
+    except ValueError:
+        raise SettingsError("VSEARCH_PUBLIC_URL", f"{raw!r} is not a URL such as {example}") from None
+    if any(c.isspace() for c in raw):
+        raise SettingsError("VSEARCH_PUBLIC_URL", f"{raw!r} contains spaces; write it as a URL such as {example}")
+    host = (parts.hostname or "").lower()
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not host or not _HOST_RE.fullmatch(host) or parts.scheme not in ("http", "https"):
+        raise SettingsError("VSEARCH_PUBLIC_URL", f"{raw!r} is not an absolute https URL such as {example}")
+    if parts.scheme == "http" and not loopback:
+        raise SettingsError("VSEARCH_PUBLIC_URL", f"{raw!r} must use https (Viber and WhatsApp fetch images only over "
+                            "https; http is accepted for 127.0.0.1 and localhost only)")
+    if "?" in raw or "#" in raw or parts.username is not None:
+        raise SettingsError("VSEARCH_PUBLIC_URL", f"{raw!r} must be a plain base URL without user, query or fragment, "
+                            f"such as {example}")
+    return raw.rstrip("/")
 
 
 def _admin_ids(env: Mapping[str, str]) -> frozenset[str]:

@@ -151,11 +151,14 @@ class ChatCore:
     async def _first_page(self, channel: str, user_id: str, result: SearchResult, similar_to: int | None = None) -> Reply:
         entries = [{"id": m.product.id, "score": round(m.score, 4), "image": m.image} for m in result.matches]
         token = await self.state.save_page(channel, user_id, entries) if entries else None
-        cards = [replies.make_card(i + 1, m, self.search.local_image_path(m.product))
-                 for i, m in enumerate(result.matches[: self.top_k])]
+        cards = [self._card(i + 1, m) for i, m in enumerate(result.matches[: self.top_k])]
         next_offset = self.top_k if token and len(entries) > self.top_k else None
         text = replies.results_text(1, len(cards), similar_to)
         return Reply(text=text, cards=tuple(cards), page_token=token, next_offset=next_offset)
+
+    def _card(self, rank: int, match: Match) -> replies.ProductCard:
+        """Every channel's card: a local image gets a public URL when VSEARCH_PUBLIC_URL is set."""
+        return replies.make_card(rank, match, self.search.local_image_path(match.product), self.settings.public_url)
 
     def _page(self, entries: list[dict[str, Any]], token: str, offset: int, text: str) -> Reply:
         cards = []
@@ -164,7 +167,7 @@ class ChatCore:
             if product is None:  # gone from the catalog since the search (a reindex ran)
                 continue
             match = Match(product=product, score=float(entry.get("score", 0.0)), image=entry.get("image") or product.image)
-            cards.append(replies.make_card(rank, match, self.search.local_image_path(product)))
+            cards.append(self._card(rank, match))
         if not cards:
             return Reply(text=replies.PAGE_EXPIRED, is_error=True)
         nxt = offset + self.top_k

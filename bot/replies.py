@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import quote
 
 from engine.errors import ImageRejected, IndexNotReady, ReindexRequired
 from engine.types import Match
@@ -53,7 +54,7 @@ class ProductCard:
     title: str
     price_text: str | None  # e.g. "49.90 EUR"
     url: str  # product page URL: every answer must contain it
-    image_url: str | None  # remote http(s) image, or None
+    image_url: str | None  # http(s) URL of the picture (remote, or this server's with VSEARCH_PUBLIC_URL), or None
     image_path: Path | None  # local image file, or None
     caption: str  # title, price and url (for channels without URL buttons)
 
@@ -107,11 +108,20 @@ def card_caption(rank: int, title: str, price_text: str | None, url: str | None)
     return "\n".join(lines)
 
 
-def make_card(rank: int, match: Match, image_path: Path | None) -> ProductCard:
+def image_path_url(product_id: str, n: int = 0) -> str:
+    """The web app's path of a product's n-th local image (served by bot/web.py): /images/<quoted id>/<n>."""
+    return f"/images/{quote(product_id, safe='')}/{n}"
+
+
+def make_card(rank: int, match: Match, image_path: Path | None, public_url: str | None = None) -> ProductCard:
+    """A product card; with `public_url` (VSEARCH_PUBLIC_URL) a local image also gets a public image_url."""
     product = match.product
     price_text = format_price(product.price, product.currency)
     image_url = None
-    if image_path is None:
+    if image_path is not None:
+        if public_url:  # image_path is the product's own (first) image, which /images/<id>/0 serves
+            image_url = public_url.rstrip("/") + image_path_url(product.id)
+    else:
         for candidate in (match.image, product.image):
             if candidate and candidate.lower().startswith(("https://", "http://")):
                 image_url = candidate

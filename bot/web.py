@@ -12,6 +12,7 @@ from aiohttp import web
 from bot.config import BotSettings
 from bot.core import ChatCore
 from bot.metrics import Metrics
+from bot.replies import image_path_url
 from bot.search_client import SearchClient
 from bot.state import State
 from engine.errors import ImageRejected, IndexNotReady, ReindexRequired
@@ -153,17 +154,11 @@ async def api_search(request: web.Request) -> web.Response:
 def _image_url(search: Any, match: Any) -> str | None:
     product = match.product
     if search.local_image_path(product) is not None:
-        return f"/images/{_quote(product.id)}/0"
+        return image_path_url(product.id)
     for candidate in (match.image, product.image):
         if isinstance(candidate, str) and candidate.startswith(("https://", "http://")):
             return candidate
     return None
-
-
-def _quote(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="")
 
 
 async def product_image(request: web.Request) -> web.StreamResponse:

@@ -22,6 +22,7 @@ from engine.images import load_image_file
 from engine.localize import catalog_crop
 from engine.metrics import exact_knn, map_at_k, precision_at_k, rank_products, recall_at_k
 from engine.pooling import POOLINGS, Whitening, pool, raw_flat
+from engine.ranking import alpha_query_expansion
 from indexer.catalog import Catalog, read_catalog
 
 # photo: photo_like pasted on a cluttered background; plain: photo_like on the catalog's own background;
@@ -235,6 +236,7 @@ def run_eval(
     batch_size: int = 16,
     params: AugmentParams = EVAL_PARAMS,
     localize: bool = False,
+    query_expansion: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate every pooling x whitening configuration (and the seed baseline) on one catalog.
@@ -244,6 +246,7 @@ def run_eval(
     whitening is then fitted on the train products and everything is measured on the eval products.
     Without a split, whitening is fitted on the evaluated catalog itself (as the engine does at index time).
     `localize`: query images go through `extractor.localize` first, as in `Searcher.search`.
+    `query_expansion`: every cosine method gets a "+aqe" twin that re-ranks with alpha query expansion.
     `white_dims`: the whitened methods are measured at each of these dims (None: all of the pooled vector's),
     as `Whitening.fit(dims=...)` keeps them; a reduced one is named like "avg+white256".
     """
@@ -316,6 +319,8 @@ def run_eval(
         raise ValueError(f"only {len(eval_entries)} image(s) to evaluate; use a larger catalog, limit or eval share")
 
     methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes, white_dims)
+    if query_expansion:
+        methods += [_with_query_expansion(m) for m in methods if m.distance == "cosine"]
     image_products = [e.product_id for e in eval_entries]
     per_product = Counter(image_products)
     k_images = min(len(eval_entries), (PRODUCTS_RANKED + 1) * max(per_product.values()) + 1)
@@ -340,7 +345,8 @@ def run_eval(
         base = method.index
         if multi.any():
             rows = np.flatnonzero(multi)
-            ranked = _product_rankings(base[rows], base, method.distance, k_images, image_products, rows, None)
+            ranked = _product_rankings(method.queries(base[rows]), base, method.distance, k_images, image_products,
+                                       rows, None)
             truth = [image_products[i] for i in rows]
             method.result.metrics["same_r1"] = recall_at_k(ranked, truth, 1)
             method.result.metrics["same_r5"] = recall_at_k(ranked, truth, 5)
@@ -348,7 +354,8 @@ def run_eval(
         if category_ok:
             rows = np.flatnonzero(has_label)
             own = [image_products[i] for i in rows]
-            ranked = _product_rankings(base[rows], base, method.distance, k_images, image_products, rows, own)
+            ranked = _product_rankings(method.queries(base[rows]), base, method.distance, k_images, image_products,
+                                       rows, own)
             label_of = {e.product_id: e.label for e in eval_entries}
             method.result.metrics["category_p5"] = float(
                 np.mean([precision_at_k([label_of[p] for p in r], labels[i], 5) for r, i in zip(ranked, rows, strict=True)])
@@ -369,7 +376,7 @@ def run_eval(
         seconds[f"{kind} queries"] = time.perf_counter() - started
         queries_count[kind] = len(eval_entries)
         for method in methods:
-            q = method.project(qvectors)
+            q = method.queries(method.project(qvectors))
             ranked = _product_rankings(q, method.index, method.distance, k_images, image_products, None, None)
             method.result.metrics[f"{kind}_r1"] = recall_at_k(ranked, image_products, 1)
             method.result.metrics[f"{kind}_r5"] = recall_at_k(ranked, image_products, 5)
@@ -520,6 +527,10 @@ class _Method:
     index: np.ndarray  # vectors of the evaluated images
     project: Callable[[_Vectors], np.ndarray]  # query vectors -> this method's space
     distance: str
+    expand: Callable[[np.ndarray], np.ndarray] | None = None  # re-ranking of projected queries (alpha QE)
+
+    def queries(self, projected: np.ndarray) -> np.ndarray:
+        return self.expand(projected) if self.expand is not None else projected
 
 
 def _methods(
@@ -568,6 +579,13 @@ def _methods(
 
         methods.append(_Method(result, index, project_raw, "euclidean"))
     return methods
+
+
+def _with_query_expansion(method: _Method) -> _Method:
+    r = method.result
+    result = MethodResult(f"{r.method}+aqe", r.pooling, r.whitening, r.distance, r.dims, dict.fromkeys(METRICS))
+    index = method.index
+    return _Method(result, index, method.project, method.distance, lambda q: alpha_query_expansion(q, index))
 
 
 def _product_rankings(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ class EngineSettings:
         precision = env.get("VSEARCH_PRECISION", "auto").strip().lower() or "auto"
         if precision not in PRECISIONS:
             raise SettingsError("VSEARCH_PRECISION", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-        pooling = env.get("VSEARCH_POOLING", DEFAULT_POOLING).strip().lower() or DEFAULT_POOLING
+        card = card_index_settings(weights)
+        default_pooling = card.get("VSEARCH_POOLING", DEFAULT_POOLING)
+        pooling = env.get("VSEARCH_POOLING", default_pooling).strip().lower() or default_pooling
         index_dims = parse_int(env, "VSEARCH_INDEX_DIMS", DEFAULT_INDEX_DIMS, low=0, high=4096)
         if 0 < index_dims < MIN_INDEX_DIMS:
             raise SettingsError("VSEARCH_INDEX_DIMS", f"{index_dims} is below {MIN_INDEX_DIMS} (0 keeps all dims)")
@@ -71,12 +74,30 @@ class EngineSettings:
             top_k=parse_int(env, "VSEARCH_TOP_K", 5, low=1, high=50),
             catalog=env.get("VSEARCH_CATALOG", "").strip() or None,
             pooling=pooling,
-            whitening=parse_bool(env, "VSEARCH_WHITENING", DEFAULT_WHITENING),
+            whitening=parse_bool({**card, **env}, "VSEARCH_WHITENING", DEFAULT_WHITENING),
             index_dims=index_dims,
             image_size=parse_int(env, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
             localize=localize,
         )
+
+
+def card_index_settings(weights: str) -> dict[str, str]:
+    """The index settings a `vsearch train` model card (weights.json beside weights.pth) recommends, e.g.
+    {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": "false"}: the defaults for those weights, which the
+    environment still overrides. Empty for "imagenet", "random" and files without a card."""
+    if weights in ("imagenet", "random"):
+        return {}
+    card_path = Path(weights).with_suffix(".json")
+    if not card_path.is_file():
+        return {}
+    try:
+        recommended = json.loads(card_path.read_text(encoding="utf-8")).get("index_settings") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SettingsError("VSEARCH_WEIGHTS", f"the model card {card_path} cannot be read ({exc})") from None
+    if not isinstance(recommended, dict):
+        raise SettingsError("VSEARCH_WEIGHTS", f"the model card {card_path} has no valid index_settings")
+    return {k: str(v).lower() for k, v in recommended.items() if k in ("VSEARCH_POOLING", "VSEARCH_WHITENING")}
 
 
 def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -57,6 +57,9 @@ CLEAN_ANCHOR_SHARE = 0.5  # anchors: half the catalog image as the index sees it
 CLUTTER_SHARE = 0.8  # positives: phone-photo-like, most of them pasted on a cluttered background
 GREY_SHARE = 0.2  # positives in greyscale (SimCLR's recipe): shape must count, not colour alone
 MASK_LOSS_WEIGHT = 1.0  # the mask head's BCE beside the contrastive loss
+# How to index with the trained weights: the pooling that was trained; whitening as the eval of the
+# README's training run showed. `EngineSettings.from_env` takes these as defaults from the model card.
+INDEX_SETTINGS = {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": False}
 WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
 EXIT_INTERRUPTED = 130
 
@@ -550,6 +553,7 @@ def train(config: TrainConfig) -> TrainResult:
                      "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None,
                      "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
                      "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None},
+            "index_settings": INDEX_SETTINGS,
             "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
                           "used": "queries only (Searcher.search), VSEARCH_LOCALIZE=auto"},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,

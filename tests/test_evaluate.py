@@ -247,3 +247,23 @@ def test_shared_multiview_dataset(tmp_path):
     assert report.skipped == []
     for m in report.methods:
         assert all(0.0 <= v <= 1.0 for v in m.metrics.values() if v is not None)
+
+
+def test_alpha_query_expansion_pulls_a_query_towards_its_neighbours():
+    from engine.ranking import alpha_query_expansion
+
+    index = np.eye(4, dtype=np.float32)
+    query = np.array([[0.8, 0.6, 0.0, 0.0]], dtype=np.float32)
+    expanded = alpha_query_expansion(query, index, neighbours=1, alpha=1.0)
+    assert np.isclose(np.linalg.norm(expanded), 1.0)
+    assert expanded[0, 0] > query[0, 0] and expanded[0, 1] < query[0, 1]  # towards its nearest item
+    assert expanded[0, 2] == 0 and expanded[0, 3] == 0
+
+
+def test_query_expansion_adds_an_aqe_twin_of_each_cosine_method(catalog):
+    report = run_eval(catalog, extractor=PixelExtractor(), poolings=("gem",), whitening=(False,),
+                      query_expansion=True, queries=("clean",), progress=False)
+    names = [m.method for m in report.methods]
+    assert names == ["gem", SEED_BASELINE, "gem+aqe"]
+    twin = report.methods[-1]
+    assert twin.metrics["clean_r5"] is not None and twin.metrics["same_r1"] is not None

@@ -184,3 +184,15 @@ def test_eval_split_file_measures_the_held_out_test_products_only(tmp_path, demo
 
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
     assert cli_main(["eval", str(demo_catalog), "--split-file", str(tmp_path / "bad.json")]) != 0
+
+
+def test_an_unreadable_model_card_is_a_settings_error(tmp_path) -> None:
+    from engine.errors import SettingsError
+    from engine.settings import EngineSettings
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not read here")
+    assert EngineSettings.from_env({"VSEARCH_WEIGHTS": str(weights)}).pooling == "avg"  # no card: defaults
+    (tmp_path / "weights.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(SettingsError, match="model card"):
+        EngineSettings.from_env({"VSEARCH_WEIGHTS": str(weights)})

@@ -161,6 +161,11 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     loaded = load_weights(str(result.weights))
     assert loaded.arch == "vgg16_bn" and loaded.weights_id.startswith("file:weights.pth:")
     assert loaded.mask_head is not None and int(loaded.mask_head.image_size) == SIZE
+    # The model card beside the weights gives their index settings as defaults; the environment wins.
+    from_card = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights)})
+    assert (from_card.pooling, from_card.whitening) == ("gem", False)
+    overridden = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_POOLING": "avg"})
+    assert overridden.pooling == "avg"
     settings = EngineSettings(data_dir=tmp_path / "data", weights=str(result.weights), precision="fp32",
                               image_size=SIZE)
     report = build_index(catalog, settings)

@@ -191,6 +191,14 @@ def buttons_message(to: str, reply: Reply) -> dict[str, Any] | None:
     }
 
 
+def link_as_is(path: Path) -> bool:
+    """Whether WhatsApp can fetch this local image by its public link unchanged (JPEG/PNG up to 5 MB)."""
+    try:
+        return path.suffix.lower() in UPLOAD_TYPES and path.stat().st_size <= UPLOAD_MAX_BYTES
+    except OSError:
+        return False
+
+
 def upload_payload(path: Path) -> tuple[bytes, str, str]:
     """(bytes, mime type, file name) WhatsApp accepts for a local image: JPEG/PNG up to 5 MB, else re-encoded."""
     data = path.read_bytes()
@@ -320,8 +328,8 @@ class WhatsAppChannel:
         caption = card_caption(card)
         message = None
         try:
-            if card.image_url:
-                message = image_message(to, caption, link=card.image_url)
+            if card.image_url and (card.image_path is None or link_as_is(card.image_path)):
+                message = image_message(to, caption, link=card.image_url)  # remote, or served via VSEARCH_PUBLIC_URL
             elif card.image_path is not None:
                 message = image_message(to, caption, media_id=await self.upload(card.image_path))
         except (ApiError, OSError, ValueError) as exc:

@@ -18,6 +18,7 @@ FULL = {
     "VSEARCH_TOP_K": "7",
     "VSEARCH_HTTP_HOST": "0.0.0.0",
     "VSEARCH_HTTP_PORT": "9090",
+    "VSEARCH_PUBLIC_URL": "https://shop.example/vsearch/",
     "VSEARCH_ADMIN_IDS": "telegram:123, viber:AbC=,whatsapp:15551234567",
     "REDIS_URL": "redis://:hunter2pass@redis:6379/0",
     "TELEGRAM_BOT_TOKEN": "123456:ABC-def_ghi",
@@ -40,7 +41,7 @@ def test_defaults_from_an_empty_environment():
     s = BotSettings.from_env({})
     assert (s.http_host, s.http_port) == ("127.0.0.1", 8080)
     assert s.engine.data_dir == Path("vsearch-data") and s.engine.top_k == 5 and s.engine.weights == "imagenet"
-    assert s.admin_ids == frozenset() and s.redis_url is None
+    assert s.admin_ids == frozenset() and s.redis_url is None and s.public_url is None
     assert s.telegram_api_base_url == "https://api.telegram.org/bot"
     assert s.telegram_file_base_url == "https://api.telegram.org/file/bot"
     assert s.viber_api_base_url == "https://chatapi.viber.com/pa"
@@ -54,6 +55,7 @@ def test_every_variable_is_read():
     assert s.engine.data_dir == Path("/srv/vsearch") and s.engine.catalog == "/srv/catalog.csv"
     assert s.engine.top_k == 7 and s.engine.precision == "fp32"
     assert (s.http_host, s.http_port) == ("0.0.0.0", 9090)
+    assert s.public_url == "https://shop.example/vsearch"  # trailing slash dropped
     assert s.admin_ids == {"telegram:123", "viber:AbC=", "whatsapp:15551234567"}
     assert s.redis_url == FULL["REDIS_URL"]
     assert s.telegram_bot_token == "123456:ABC-def_ghi" and s.telegram_webhook_secret == "s3cret_token-1"
@@ -92,6 +94,14 @@ def test_every_variable_is_read():
         ("WHATSAPP_API_BASE_URL", "graph.facebook.com"),
         ("WHATSAPP_PHONE_NUMBER_ID", "+1 555"),
         ("VSEARCH_MEDIA_ALLOW_HOSTS", "http://127.0.0.1/"),
+        ("VSEARCH_PUBLIC_URL", "shop.example/vsearch"),
+        ("VSEARCH_PUBLIC_URL", "http://shop.example/vsearch"),
+        ("VSEARCH_PUBLIC_URL", "ftp://shop.example/vsearch"),
+        ("VSEARCH_PUBLIC_URL", "https://shop.example/vsearch?x=1"),
+        ("VSEARCH_PUBLIC_URL", "https://shop.example/#top"),
+        ("VSEARCH_PUBLIC_URL", "https://user:pw@shop.example/"),
+        ("VSEARCH_PUBLIC_URL", "https://shop.example:port/"),
+        ("VSEARCH_PUBLIC_URL", "https://shop.example/my shop"),
     ],
 )
 def test_a_bad_value_is_named(variable, value):
@@ -100,6 +110,13 @@ def test_a_bad_value_is_named(variable, value):
         BotSettings.from_env(env)
     assert info.value.variable == variable
     assert variable in str(info.value)
+
+
+def test_public_url_may_be_http_on_loopback_only():
+    for raw in ("http://127.0.0.1:8080/", "http://localhost:8080/vsearch", "http://[::1]:8080"):
+        assert BotSettings.from_env({"VSEARCH_PUBLIC_URL": raw}).public_url == raw.rstrip("/")
+    with pytest.raises(SettingsError, match="https"):
+        BotSettings.from_env({"VSEARCH_PUBLIC_URL": "http://10.0.0.5:8080"})
 
 
 def test_webhook_without_token_and_partial_whatsapp_are_refused():

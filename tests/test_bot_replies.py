@@ -54,6 +54,18 @@ def test_remote_image_becomes_image_url():
     assert make_card(1, Match(product(), 0.5, "images/p-1.jpg"), None).image_url is None
 
 
+def test_public_url_gives_local_images_a_url_of_the_web_app():
+    local = Match(product(id="step up/1"), 0.5, "images/p-1.jpg")
+    card = make_card(1, local, Path("/cat/images/p-1.jpg"), "https://shop.example/vsearch")
+    assert card.image_url == "https://shop.example/vsearch/images/step%20up%2F1/0"
+    assert card.image_path == Path("/cat/images/p-1.jpg")  # Telegram still uploads the file
+    assert replies.image_path_url("step up/1") == "/images/step%20up%2F1/0"  # the path bot/web.py serves
+    # Remote images keep their own URL; a local image missing on disk still gets none.
+    remote = Match(product(image="https://cdn.shop.example/p-1.jpg"), 0.5, "https://cdn.shop.example/p-1.jpg")
+    assert make_card(1, remote, None, "https://shop.example").image_url == "https://cdn.shop.example/p-1.jpg"
+    assert make_card(1, Match(product(), 0.5, "images/p-1.jpg"), None, "https://shop.example").image_url is None
+
+
 def test_callback_round_trip_and_size():
     data = encode_callback("more", "AbCdEf123_-x", 15)
     assert len(data.encode()) <= 64

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from bot_fixtures import bot_engine, make_bot_settings, open_stack, redis_state  # noqa: F401
+from bot_fixtures import bot_engine, free_port, make_bot_settings, open_stack, redis_state  # noqa: F401
 from fake_viber import (
     VIBER_TOKEN,
     WEBHOOK_EVENT,
@@ -67,12 +67,12 @@ async def fake() -> AsyncIterator[FakeViber]:
     await server.stop()
 
 
-async def start_harness(settings: Any, state: Any, engine: Any, fake: FakeViber) -> Harness:
+async def start_harness(settings: Any, state: Any, engine: Any, fake: FakeViber, port: int | None = None) -> Harness:
     from bot.web import make_app
 
     stack = await open_stack(settings, state, engine)
     app = make_app(settings, stack.core, stack.search, stack.state)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=port))
     await client.start_server()
     return Harness(client, app, fake, stack)
 
@@ -119,6 +119,33 @@ async def test_picture_is_answered_with_a_carousel_of_the_matching_products(vibe
     assert viber.fake.refused == [] and len(viber.fake.sent) == 2
     # each card fills exactly one 6x7 block
     assert sum(b["Rows"] for b in carousel["rich_media"]["Buttons"]) == 7 * len(set(urls))
+    # local catalog images and no VSEARCH_PUBLIC_URL: Viber could not fetch them, so the cards have no Image
+    assert not any("Image" in b for b in carousel["rich_media"]["Buttons"])
+
+
+async def test_with_a_public_url_local_images_are_shown_from_the_web_app(bot_engine, redis_state, fake):  # noqa: F811
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"  # VSEARCH_PUBLIC_URL as seen from Viber's servers
+    settings = make_bot_settings(bot_engine.settings, viber_auth_token=VIBER_TOKEN, viber_api_base_url=fake.base_url,
+                                 public_url=public)
+    h = await start_harness(settings, redis_state, bot_engine, fake, port=port)
+    try:
+        fake.media["shoe.jpg"] = bot_engine.image_bytes("demo-003")
+        await h.post(picture_event(USER, 5101, fake.media_url("shoe.jpg")))
+        _, carousel = await fake.wait_sent(2)
+        await h.settle()
+        images = [b["Image"] for b in carousel["rich_media"]["Buttons"] if "Image" in b]
+        assert len(images) == settings.engine.top_k and images[0] == f"{public}/images/demo-003/0"
+        # Each Image URL, fetched as Viber would, is that product's catalog photo.
+        for url in images:
+            product_id = url.split("/")[-2]
+            resp = await h.client.session.get(url)
+            assert resp.status == 200 and resp.content_type == "image/jpeg"
+            assert await resp.read() == bot_engine.image_bytes(product_id)
+        for missing in (f"{public}/images/demo-003/1", f"{public}/images/no-such/0"):
+            assert (await h.client.session.get(missing)).status == 404
+    finally:
+        await close_harness(h)
 
 
 async def test_show_more_and_more_like_buttons_page_through_the_same_results(viber):

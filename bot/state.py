@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import secrets
 import subprocess
 import time
@@ -27,15 +28,17 @@ PREFIX = "vsearch:"
 DEDUPE_TTL_S = 24 * 3600
 PAGE_TTL_S = 3600
 FILE_ID_TTL_S = 30 * 24 * 3600
+WA_MEDIA_TTL_S = 7 * 24 * 3600  # WhatsApp keeps uploaded media 30 days; re-upload well before that
 RATE_BUCKET_TTL_S = 300
 REINDEX_LOCK_TTL_S = 120  # refreshed while the build runs; a killed build frees the lock within this time
 PROGRESS_TTL_S = 3600
-RATE_CAPACITY = 10  # photos
+RATE_CAPACITY = 10  # photos (chat users) or searches (HTTP API clients)
 RATE_PER_MINUTE = 10.0
 SWITCH_CHANNEL = PREFIX + "index:switched"
 RECONNECT_EVERY_S = 1.0
 
 # Token bucket: refill by elapsed time since the last take, take one token if there is one.
+# Returns {1, 0} when a token was taken, else {0, milliseconds until the next token}.
 _TOKEN_BUCKET = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
@@ -46,13 +49,16 @@ local tokens = tonumber(data[1]) or capacity
 local ts = tonumber(data[2]) or now
 tokens = math.min(capacity, tokens + math.max(0, now - ts) * per_ms)
 local allowed = 0
+local wait_ms = 0
 if tokens >= 1 then
   tokens = tokens - 1
   allowed = 1
+else
+  wait_ms = math.ceil((1 - tokens) / per_ms)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return allowed
+return {allowed, wait_ms}
 """
 # Delete or extend the lock only while it still holds our token.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
@@ -240,18 +246,28 @@ class State:
 
     # -- rate limit --
     async def allow_photo(self, channel: str, user_id: str) -> bool:
-        """Token bucket per user; fails open (with a log line) when Redis is down."""
+        """Token bucket per chat user; fails open (with a log line) when Redis is down."""
+        return await self.rate_limit_wait(channel, user_id) == 0.0
 
-        async def call() -> bool:
-            per_ms = RATE_PER_MINUTE / 60_000.0
-            return bool(await self._bucket(keys=[_key("rate", channel, user_id)],
-                                           args=[RATE_CAPACITY, per_ms, RATE_BUCKET_TTL_S]))
+    async def rate_limit_wait(self, channel: str, client_id: str, capacity: int = RATE_CAPACITY,
+                              per_minute: float = RATE_PER_MINUTE) -> float:
+        """Take a token from the (channel, client) bucket: 0.0 when allowed, else the seconds until the next token.
 
-        allowed = await self._safe("rate limit", call, None)
-        if allowed is None:
+        Fails open (0.0, with a log line) when Redis is down. Chat users and HTTP API clients share this code.
+        """
+
+        async def call() -> float:
+            per_ms = per_minute / 60_000.0
+            ttl_s = max(RATE_BUCKET_TTL_S, math.ceil(capacity / per_minute * 60))  # outlive a full refill
+            allowed, wait_ms = await self._bucket(keys=[_key("rate", channel, client_id)],
+                                                  args=[capacity, per_ms, ttl_s])
+            return 0.0 if int(allowed) else max(int(wait_ms), 1) / 1000.0
+
+        wait = await self._safe("rate limit", call, None)
+        if wait is None:
             log.warning("rate limit skipped for a %s user: Redis is down (failing open)", channel)
-            return True
-        return allowed
+            return 0.0
+        return wait
 
     # -- result pages for "Show more" / "More like #N", bound to (channel, user) --
     async def save_page(self, channel: str, user_id: str, entries: list[dict[str, Any]]) -> str | None:
@@ -276,6 +292,21 @@ class State:
 
     async def set_telegram_file_id(self, path_key: str, file_id: str) -> None:
         await self._safe("file id", lambda: self.client.set(_key("tgfile", path_key), file_id, ex=FILE_ID_TTL_S), None)
+
+    # -- WhatsApp media ids of uploaded local images, per phone number id --
+    async def whatsapp_media_id(self, phone_number_id: str, image_key: str) -> str | None:
+        """The cached media id, or None when there is none or Redis is down."""
+        return await self._safe("media id", lambda: self.client.get(_key("wamedia", phone_number_id, image_key)),
+                                None)
+
+    async def set_whatsapp_media_id(self, phone_number_id: str, image_key: str, media_id: str) -> bool:
+        """Remember a media id for WA_MEDIA_TTL_S; False when Redis is down (the caller keeps it itself)."""
+
+        async def call() -> bool:
+            await self.client.set(_key("wamedia", phone_number_id, image_key), media_id, ex=WA_MEDIA_TTL_S)
+            return True
+
+        return await self._safe("media id", call, False)
 
     # -- reindex lock and progress --
     async def acquire_reindex_lock(self, ttl_s: int = REINDEX_LOCK_TTL_S) -> str | None:

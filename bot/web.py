@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from bot.core import ChatCore
 from bot.metrics import Metrics
 from bot.replies import image_path_url
 from bot.search_client import SearchClient
-from bot.state import State
+from bot.state import RATE_CAPACITY, RATE_PER_MINUTE, State
 from engine.errors import ImageRejected, IndexNotReady, ReindexRequired
 from engine.images import MAX_IMAGE_BYTES
 
@@ -24,6 +25,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES
 _MULTIPART_OVERHEAD = 64 * 1024
 _CHUNK = 64 * 1024
+API_CHANNEL = "web"  # the HTTP API's name in metrics, /stats and its rate-limit buckets
 
 CORE: web.AppKey[ChatCore] = web.AppKey("core", ChatCore)
 SEARCH: web.AppKey[Any] = web.AppKey("search", object)
@@ -31,6 +33,7 @@ STATE: web.AppKey[State] = web.AppKey("state", State)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SETTINGS: web.AppKey[BotSettings] = web.AppKey("settings", BotSettings)
 HTTP_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("http_session", aiohttp.ClientSession)
+API_RATE: web.AppKey[tuple[int, float]] = web.AppKey("api_rate", tuple)
 
 
 def make_app(
@@ -41,14 +44,19 @@ def make_app(
     *,
     http_session: aiohttp.ClientSession | None = None,
     channels: bool = True,
+    api_rate: tuple[int, float] = (RATE_CAPACITY, RATE_PER_MINUTE),
 ) -> web.Application:
-    """The one HTTP app; with `channels`, the Viber/WhatsApp routes are added when their variables are set."""
+    """The one HTTP app; with `channels`, the Viber/WhatsApp routes are added when their variables are set.
+
+    `api_rate` is (capacity, searches per minute) of the token bucket each client address gets at /api/search.
+    """
     app = web.Application(client_max_size=MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD)
     app[CORE] = core
     app[SEARCH] = search
     app[STATE] = state
     app[METRICS] = core.metrics
     app[SETTINGS] = settings
+    app[API_RATE] = api_rate
     app.router.add_get("/", index_page)
     app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
     app.router.add_post("/api/search", api_search)
@@ -119,7 +127,32 @@ async def _upload_bytes(request: web.Request) -> bytes | web.Response:
     return too_large if data is None else data
 
 
+def client_address(request: web.Request) -> str:
+    """The peer address of the connection. X-Forwarded-For is not trusted: there is no trusted-proxy setting."""
+    return request.remote or "unknown"
+
+
+async def _rate_limited(request: web.Request) -> web.Response | None:
+    """The chat channels' token bucket (State.rate_limit_wait), per client address; None when allowed."""
+    capacity, per_minute = request.app[API_RATE]
+    wait = await request.app[STATE].rate_limit_wait(API_CHANNEL, client_address(request), capacity, per_minute)
+    if wait <= 0:
+        return None
+    core = request.app[CORE]
+    core.metrics.count_query(API_CHANNEL, "rate_limited")
+    await core.state.count_query(API_CHANNEL, "rate_limited")
+    retry_after = max(1, math.ceil(wait))
+    response = _error(429, "rate_limited",
+                      f"Too many searches from your address: at most {per_minute:g} a minute.",
+                      f"Try again in {retry_after} s.")
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 async def api_search(request: web.Request) -> web.Response:
+    limited = await _rate_limited(request)
+    if limited is not None:
+        return limited
     core = request.app[CORE]
     top_k = core.top_k
     raw_k = request.query.get("top_k")

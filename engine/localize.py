@@ -26,7 +26,7 @@ BACKGROUND = (255, 255, 255)
 
 @dataclass(frozen=True)
 class CleanupParams:
-    """How a predicted mask becomes a cleaned query; chosen by `benchmarks/localize_eval.py`."""
+    """How a predicted mask becomes a cleaned query; chosen by `benchmarks/localize_variants.py`."""
 
     threshold: float = 0.5  # probability above which a pixel is product
     min_area: float = 0.03  # a mask smaller than this share of the photo is not trusted: keep the photo

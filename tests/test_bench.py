@@ -69,6 +69,9 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert list(stages) == ["import torch", "import engine", "model loaded", "index loaded",
                             "after 1st query", "after queries"]
     assert metrics["peak_rss_mb"] >= max(stages.values())  # VmHWM is the high-water mark of VmRSS
+    breakdown = report["details"]["rss_breakdown_mb"]
+    assert breakdown["RssAnon"] > 0 and breakdown["RssFile"] > 0
+    assert breakdown["RssAnon"] + breakdown["RssFile"] <= stages["after queries"] + 1
     assert report["environment"]["image_size"] == 64
     assert len(report["goals"]) == 6 and all(g["result"] for g in report["goals"])
     assert report["details"]["localize_head"].startswith("untrained stand-in")

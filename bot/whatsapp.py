@@ -19,6 +19,7 @@ from bot import replies
 from bot.config import BotSettings
 from bot.core import ChatCore
 from bot.replies import DownloadFailed, ProductCard, Reply
+from bot.state import WA_MEDIA_TTL_S
 from bot.webhooks import (
     ApiError,
     PayloadError,
@@ -46,7 +47,6 @@ BUTTON_TITLE_MAX = 20
 MAX_CHALLENGE = 256
 UPLOAD_MAX_BYTES = 5 * 1024 * 1024  # WhatsApp takes JPEG/PNG images of at most 5 MB
 UPLOAD_MAX_SIDE = 1600
-MEDIA_ID_TTL_S = 29 * 24 * 3600  # uploaded media ids live 30 days
 UPLOAD_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
@@ -238,8 +238,9 @@ class WhatsAppChannel:
         self.messages_url = f"{self.base}/{settings.whatsapp_phone_number_id}/messages"
         self.media_url = f"{self.base}/{settings.whatsapp_phone_number_id}/media"
         self.progress_interval = 15.0
-        # Uploaded local catalog images: path key -> (media id, expiry). Kept in memory because State has no
-        # generic media-id cache yet; a restart uploads each image once more.
+        self.phone_number_id = str(settings.whatsapp_phone_number_id)
+        # Media ids of uploaded local images live in Redis (shared by processes, kept across restarts); this dict
+        # holds only those uploaded while Redis was down: image key -> (media id, expiry).
         self.media_ids: dict[str, tuple[str, float]] = {}
         self._upload_lock = asyncio.Lock()
 
@@ -345,13 +346,16 @@ class WhatsAppChannel:
         await self.send(text_message(to, caption))
 
     async def upload(self, path: Path) -> str:
-        """The media id of a local image, uploaded once and reused until it nears its 30-day expiry."""
+        """The media id of a local image: uploaded once, then reused from Redis (or memory while Redis is down)."""
         stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        cached_id = await self._cached_media_id(key)
+        if cached_id:
+            return cached_id
         async with self._upload_lock:
-            cached = self.media_ids.get(key)
-            if cached is not None and cached[1] > time.time():
-                return cached[0]
+            cached_id = await self._cached_media_id(key)  # another task may have uploaded it meanwhile
+            if cached_id:
+                return cached_id
             data, mime, name = await asyncio.to_thread(upload_payload, path)
 
             def form() -> aiohttp.FormData:
@@ -366,8 +370,16 @@ class WhatsAppChannel:
             media_id = answer.get("id") if isinstance(answer, dict) else None
             if not isinstance(media_id, str) or not media_id:
                 raise ApiError("WhatsApp media upload", None, "the answer has no media id")
-            self.media_ids[key] = (media_id, time.time() + MEDIA_ID_TTL_S)
+            if not await self.core.state.set_whatsapp_media_id(self.phone_number_id, key, media_id):
+                self.media_ids[key] = (media_id, time.time() + WA_MEDIA_TTL_S)  # degraded: this process only
             return media_id
+
+    async def _cached_media_id(self, key: str) -> str | None:
+        media_id = await self.core.state.whatsapp_media_id(self.phone_number_id, key)
+        if media_id:
+            return media_id
+        cached = self.media_ids.get(key)
+        return cached[0] if cached is not None and cached[1] > time.time() else None
 
     async def send(self, message: dict[str, Any]) -> Any:
         return await call_api(self.session, "POST", self.messages_url, "WhatsApp send message",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from engine.errors import WeightsError
-from engine.localize import CleanupParams, MaskHead, catalog_crop, clean_images, predict_masks
+from engine.localize import CleanupParams, MaskHead, catalog_crop, clean_images, fitted_size, predict_masks
 from engine.pooling import pool
 from engine.settings import EngineSettings
 from engine.weights import load_weights
@@ -53,8 +53,7 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
     Padding instead of squashing keeps a shoe's proportions; catalog photos are shot on white.
     """
     image = image.convert("RGB")
-    scale = size / max(image.width, image.height)
-    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    new_w, new_h = fitted_size(image.width, image.height, size)
     resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))

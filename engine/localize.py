@@ -88,12 +88,17 @@ def load_head(state: dict[str, torch.Tensor]) -> MaskHead:
     return head.eval()
 
 
+def fitted_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """Size of a width x height image fitted inside a side x side square, keeping its aspect."""
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def mask_target(mask: Image.Image, size: int) -> np.ndarray:
     """A view's product mask ("L", the view's size) as the head sees it: fitted and padded like
     `engine.features.preprocess`, averaged over 4x4 cells: (size/4, size/4) floats in 0..1."""
     canvas = Image.new("L", (size, size), 0)
-    scale = size / max(mask.width, mask.height)
-    new_w, new_h = max(1, round(mask.width * scale)), max(1, round(mask.height * scale))
+    new_w, new_h = fitted_size(mask.width, mask.height, size)
     canvas.paste(mask.resize((new_w, new_h), Image.Resampling.BILINEAR), ((size - new_w) // 2, (size - new_h) // 2))
     cells = size // MASK_STRIDE
     return np.asarray(canvas.resize((cells, cells), Image.Resampling.BOX), dtype=np.float32) / 255.0
@@ -116,8 +121,7 @@ def _padded(box: tuple[int, int, int, int], margin: float, size: tuple[int, int]
 def unpad(prob: np.ndarray, width: int, height: int) -> np.ndarray:
     """The part of a (S, S) map of a padded square canvas that covers a width x height image."""
     side = prob.shape[0]
-    scale = side / max(width, height)
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    w, h = fitted_size(width, height, side)
     left, top = (side - w) // 2, (side - h) // 2
     return prob[top : top + h, left : left + w]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bot.state import PAGE_TTL_S, RATE_CAPACITY, State
+from bot.state import PAGE_TTL_S, RATE_CAPACITY, WA_MEDIA_TTL_S, State
 
 pytest_plugins = ["bot_fixtures"]
 
@@ -48,7 +48,10 @@ async def test_token_bucket_limits_each_user(redis_state):
     allowed = [await redis_state.allow_photo("telegram", "42") for _ in range(RATE_CAPACITY + 3)]
     assert allowed[:RATE_CAPACITY] == [True] * RATE_CAPACITY
     assert allowed[RATE_CAPACITY:] == [False] * 3
+    assert 0 < await redis_state.rate_limit_wait("telegram", "42") <= 60 / RATE_CAPACITY  # seconds to the next token
     assert await redis_state.allow_photo("telegram", "43")  # another user has a full bucket
+    # The limits are parameters (the HTTP API uses the same bucket per client address).
+    assert [await redis_state.rate_limit_wait("web", "10.0.0.1", 2, 60.0) == 0 for _ in range(3)] == [True, True, False]
     assert await redis_state.client.ttl("vsearch:rate:telegram:42") > 0
     # Refill: pretend the last take was 30 s ago -> about 5 tokens back (10 a minute).
     ts = int(await redis_state.client.hget("vsearch:rate:telegram:42", "ts"))
@@ -104,6 +107,11 @@ async def test_progress_counters_and_file_ids(redis_state):
     await redis_state.set_telegram_file_id("/img/a.jpg:123", "AgACfileid")
     assert await redis_state.telegram_file_id("/img/a.jpg:123") == "AgACfileid"
     assert await redis_state.client.ttl("vsearch:tgfile:/img/a.jpg:123") > 0
+    assert await redis_state.whatsapp_media_id("106", "/img/a.jpg|1|2") is None
+    assert await redis_state.set_whatsapp_media_id("106", "/img/a.jpg|1|2", "upl1")
+    assert await redis_state.whatsapp_media_id("106", "/img/a.jpg|1|2") == "upl1"
+    assert await redis_state.whatsapp_media_id("107", "/img/a.jpg|1|2") is None  # per phone number id
+    assert 6 * 24 * 3600 < await redis_state.client.ttl("vsearch:wamedia:106:/img/a.jpg|1|2") <= WA_MEDIA_TTL_S
 
 
 async def test_index_switch_is_published_to_subscribers(redis_state):
@@ -138,6 +146,8 @@ async def test_redis_outage_degrades_and_reconnects(redis_state, caplog):
     await redis_state.count_query("telegram", "ok")
     await redis_state.set_telegram_file_id("k", "v")
     assert await redis_state.telegram_file_id("k") is None
+    assert await redis_state.set_whatsapp_media_id("106", "k", "m1") is False  # the caller keeps it in memory
+    assert await redis_state.whatsapp_media_id("106", "k") is None
     assert not await redis_state.ping()
     assert redis_state.healthy is False
     assert any("failing open" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bot_fixtures import make_bot_settings, open_stack
 
 from bot.serve import install_log_redaction
+from bot.state import RATE_CAPACITY
 from bot.web import MAX_UPLOAD_BYTES, make_app
 
 pytest_plugins = ["bot_fixtures"]
@@ -76,6 +77,25 @@ async def test_oversized_upload_is_413(bot_app):
     assert multi.status == 413
 
 
+async def test_api_search_is_rate_limited_per_client_address(bot_app):
+    # RATE_CAPACITY searches (cheap bad images: each is a search all the same) empty this address's bucket.
+    for _ in range(RATE_CAPACITY):
+        resp = await bot_app.post("/api/search", data=b"not an image")
+        assert resp.status == 400
+    limited = await bot_app.post("/api/search", data=form(bot_app.stack.engine.image_bytes("demo-007")))
+    assert limited.status == 429
+    body = await limited.json()
+    assert set(body) == {"error", "message", "hint"} and body["error"] == "rate_limited"
+    retry_after = int(limited.headers["Retry-After"])
+    assert 1 <= retry_after <= 60 // RATE_CAPACITY and f"{retry_after} s" in body["hint"]
+    # Another client address (a connection from 127.0.0.2) has its own bucket and gets answers.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        resp = await other.post(bot_app.make_url("/api/search"), data=form(bot_app.stack.engine.image_bytes("demo-007")))
+        assert resp.status == 200 and (await resp.json())["results"][0]["id"] == "demo-007"
+    assert await bot_app.stack.state.client.exists("vsearch:rate:web:127.0.0.2")
+    assert 'vsearch_queries_total{channel="web",outcome="rate_limited"} 1' in await (await bot_app.get("/metrics")).text()
+
+
 async def test_image_route_serves_only_catalog_images(bot_app):
     for path in ["/images/demo-001/1", "/images/no-such/0", "/images/..%2F..%2Fetc%2Fpasswd/0",
                  "/images/../../etc/passwd", "/static/../config.py"]:
@@ -127,6 +147,8 @@ async def test_redis_down_is_degraded_but_searches_work(bot_app):
     assert health["status"] == "degraded" and health["redis"] is False
     resp = await bot_app.post("/api/search", data=form(bot_app.stack.engine.image_bytes("demo-011")))
     assert resp.status == 200 and (await resp.json())["results"][0]["id"] == "demo-011"
+    for _ in range(RATE_CAPACITY + 1):  # the rate limit fails open: never a 429 while Redis is down
+        assert (await bot_app.post("/api/search", data=b"not an image")).status == 400
     assert "vsearch_redis_up 0" in await (await bot_app.get("/metrics")).text()
 
 

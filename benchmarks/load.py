@@ -262,6 +262,9 @@ class Load:
         self.skipped = 0
         self.transport_errors: Counter[str] = Counter()
         self.counter = 0
+        # Each HTTP API user connects from its own loopback address: the API's rate limit is per client
+        # address, and 15 simulated shoppers are 15 clients, not one.
+        self.api_sessions: dict[str, aiohttp.ClientSession] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.health: list[tuple[float, str | None, str]] = []
         self.sigterm_sent: float | None = None
@@ -307,7 +310,7 @@ class Load:
                 body = wa.encode(wa.messages_payload(user.address, message))
                 await self.post(http, send, "/webhooks/whatsapp", body, "X-Hub-Signature-256", wa.sign_whatsapp(body))
             else:
-                await self.api_search(http, send, data)
+                await self.api_search(self.api_session(user), send, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.transport_errors[f"{user.channel}: {type(exc).__name__}"] += 1
             send.outcome = "not_accepted"
@@ -322,6 +325,15 @@ class Load:
                 self.transport_errors[f"{send.user.channel}: HTTP {resp.status}"] += 1
                 send.outcome = "not_accepted"
                 send.user.pending = None
+
+    def api_session(self, user: User) -> aiohttp.ClientSession:
+        session = self.api_sessions.get(user.address)
+        if session is None:
+            local = f"127.0.0.{10 + len(self.api_sessions)}"
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                            connector=aiohttp.TCPConnector(local_addr=(local, 0)))
+            self.api_sessions[user.address] = session
+        return session
 
     async def api_search(self, http: aiohttp.ClientSession, send: Send, data: bytes) -> None:
         async with http.post(self.url + "/api/search", data=data, headers={"Content-Type": "image/jpeg"}) as resp:
@@ -376,6 +388,8 @@ class Load:
                 if self.sigterm_sent is not None and self.proc is not None and self.proc.poll() is not None:
                     break  # serve has exited: whatever it was going to answer, it has answered
                 await asyncio.sleep(0.1)
+        for session in self.api_sessions.values():
+            await session.close()
         return start, end, reindex_sent
 
     async def watch(self, stop: asyncio.Event) -> None:

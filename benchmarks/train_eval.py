@@ -64,7 +64,7 @@ def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed:
 
 
 def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace) -> list[dict[str, object]]:
-    extractor = FeatureExtractor(spec, "auto", image_size=SIZE, localize=localize)
+    extractor = FeatureExtractor(spec, "auto", image_size=SIZE, threads=args.threads or None, localize=localize)
     on = extractor.localizes
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
               "localize": on, "query_expansion": True, "seed": args.seed}
@@ -101,6 +101,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed-baseline", action="store_true", help="also the seed article's raw-feature method")
     parser.add_argument("--latency", type=int, default=30, help="timed searches per weights (0: skip)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for the quality passes (0: the engine's default; latency always uses it)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))

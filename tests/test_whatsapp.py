@@ -157,6 +157,47 @@ async def test_uploaded_images_are_reused_for_the_next_answer(wa):
     assert len(wa.fake.sent) == 2 * (1 + wa.stack.settings.engine.top_k)
 
 
+async def test_uploaded_media_ids_are_shared_through_redis_with_another_process(wa, tmp_path):
+    from bot.state import WA_MEDIA_TTL_S, State
+    from bot.web import make_app
+
+    wa.photo("7011", "demo-006")
+    await wa.post(messages_payload(USER, image_message(USER, "wamid.S1", "7011")))
+    await wa.settle()
+    uploaded = {u["id"] for u in wa.fake.uploads}
+    assert len(uploaded) == wa.stack.settings.engine.top_k
+    keys = await wa.stack.state.client.keys(f"vsearch:wamedia:{PHONE_NUMBER_ID}:*")
+    assert len(keys) == len(uploaded) and 0 < await wa.stack.state.client.ttl(keys[0]) <= WA_MEDIA_TTL_S
+    # Another serving process: its own Redis connection (joining the same server), core and channel.
+    state = await State.open(None, tmp_path / "redis-home")
+    stack = await open_stack(wa.stack.settings, state, wa.stack.engine)
+    app = make_app(stack.settings, stack.core, stack.search, state)
+    other = Harness(TestClient(TestServer(app, host="127.0.0.1")), app, wa.fake, stack)
+    await other.client.start_server()
+    try:
+        await other.post(messages_payload(USER, image_message(USER, "wamid.S2", "7011")))
+        await other.settle()
+    finally:
+        await other.client.close()
+        await stack.admin.close()
+        await stack.search.close()
+        await state.close()
+    second = [m["image"]["id"] for m in wa.fake.sent[1 + len(uploaded):] if m["type"] == "image"]
+    assert len(wa.fake.uploads) == len(uploaded) and set(second) == uploaded
+
+
+async def test_with_redis_down_media_ids_are_kept_in_memory(wa):
+    await wa.stack.state.client.ping()
+    wa.stack.state.embedded.stop()
+    wa.photo("7012", "demo-007")
+    for message_id in ("wamid.T1", "wamid.T2"):
+        await wa.post(messages_payload(USER, image_message(USER, message_id, "7012")))
+        await wa.settle()
+    top_k = wa.stack.settings.engine.top_k
+    assert len(wa.fake.uploads) == top_k  # the second answer reused the first one's uploads
+    assert sum(m["type"] == "image" for m in wa.fake.sent) == 2 * top_k
+
+
 async def test_an_image_sent_as_a_document_is_searched_and_other_documents_get_the_hint(wa):
     wa.fake.media["7003"] = (make_png(80, 60), "image/png")
     await wa.post(messages_payload(USER, document_message(USER, "wamid.C1", "7003", "image/png"),

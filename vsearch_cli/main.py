@@ -188,9 +188,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 TRAIN_HELP = (
-    "Fine-tune the VGG16 conv stack on the catalog's images: each product is its own class, augmented "
-    "phone-photo-like copies are the positives. Writes weights.pth and a model card; use them with "
-    "VSEARCH_WEIGHTS=path."
+    "Fine-tune the VGG16 conv stack on the catalog's images (each product is its own class, augmented "
+    "phone-photo-like copies are the positives) and train a mask head that finds the product in a photo. "
+    "Writes weights.pth and a model card; use them with VSEARCH_WEIGHTS=path."
 )
 
 

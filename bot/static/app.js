@@ -66,16 +66,25 @@
     setStatus("Searching…", false);
     const body = new FormData();
     body.append("image", file);
-    let response, data;
+    let response, data = null;
     try {
       response = await fetch("/api/search", { method: "POST", body: body });
-      data = await response.json();
     } catch (e) {
       setStatus("The search service could not be reached. Please try again.", true);
       return;
     }
+    try { data = await response.json(); } catch (e) { data = null; }
     if (!response.ok) {
-      setStatus((data && data.message ? data.message + " " + (data.hint || "") : "The search failed.").trim(), true);
+      // Our errors are JSON {error, message, hint}; a 429 from anything else still says how long to wait.
+      const wait = response.headers.get("Retry-After");
+      const fallback = response.status === 429
+        ? "Too many searches. Please wait " + (/^\d+$/.test(wait || "") ? wait + " s" : "a minute") + " and try again."
+        : "The search failed.";
+      setStatus(data && data.message ? (data.message + " " + (data.hint || "")).trim() : fallback, true);
+      return;
+    }
+    if (!data) {
+      setStatus("The search service could not be reached. Please try again.", true);
       return;
     }
     const items = data.results || [];

@@ -205,3 +205,28 @@ def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path
     assert "VSEARCH_WEIGHTS=" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([str(catalog), "--arch", "resnet"])
+
+
+def test_proxy_loss_trains_resumes_and_refuses_another_loss(catalog: Path, tmp_path: Path) -> None:
+    from engine.errors import VsearchError
+
+    config = TrainConfig(catalog=catalog, out=tmp_path / "proxy", weights="random", epochs=1, image_size=SIZE,
+                         batch_size=4, eval_fraction=0.25, workers=0, val_limit=None, progress=False, loss="proxy")
+    first = train(config)
+    assert first.state.loss == "proxy" and first.state.history[0]["loss"] > 0
+    card = json.loads(first.card.read_text())
+    assert card["loss"]["name"].startswith("proxy")
+    again = train(TrainConfig(**{**config.__dict__, "epochs": 2, "resume": True}))
+    assert again.state.epochs_done == 2
+    with pytest.raises(VsearchError, match="--loss proxy"):
+        train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "loss": "nt-xent"}))
+
+
+def test_proxy_softmax_prefers_the_own_proxy() -> None:
+    from engine.train import proxy_softmax
+
+    proxies = torch.eye(4)
+    z = torch.eye(4)[[0, 1, 2]]
+    right = proxy_softmax(z, torch.tensor([0, 1, 2]), proxies, 0.05)
+    wrong = proxy_softmax(z, torch.tensor([1, 2, 3]), proxies, 0.05)
+    assert right < 0.01 < wrong

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +46,8 @@ class BotSettings:
     whatsapp_phone_number_id: str | None = None
     whatsapp_api_base_url: str = "https://graph.facebook.com/v21.0"
     media_allow_hosts: frozenset[str] = frozenset()
+    # Reverse proxies whose X-Forwarded-For names the real client (VSEARCH_TRUSTED_PROXIES).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def telegram_enabled(self) -> bool:
@@ -93,6 +96,7 @@ class BotSettings:
             http_host=_host(env),
             http_port=_port(env),
             public_url=_public_url(env),
+            trusted_proxies=_trusted_proxies(env),
             admin_ids=_admin_ids(env),
             redis_url=_redis_url(env),
             telegram_bot_token=telegram_token,
@@ -150,6 +154,20 @@ def _port(env: Mapping[str, str]) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise SettingsError("VSEARCH_HTTP_PORT", f"{raw!r} is not a port number between 1 and 65535")
     return int(raw)
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in (part.strip() for part in env.get("VSEARCH_TRUSTED_PROXIES", "").split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(
+                "VSEARCH_TRUSTED_PROXIES", f"{item!r} is not an IP address or network such as 10.0.0.2 or 172.16.0.0/12"
+            ) from None
+    return tuple(networks)
 
 
 def _public_url(env: Mapping[str, str]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from pathlib import Path
@@ -128,8 +129,25 @@ async def _upload_bytes(request: web.Request) -> bytes | web.Response:
 
 
 def client_address(request: web.Request) -> str:
-    """The peer address of the connection. X-Forwarded-For is not trusted: there is no trusted-proxy setting."""
-    return request.remote or "unknown"
+    """The client's address: the connection's peer, or, when the peer is a trusted reverse proxy
+    (VSEARCH_TRUSTED_PROXIES), the last X-Forwarded-For address that is not itself a trusted proxy."""
+    trusted = request.app[SETTINGS].trusted_proxies
+    peer = request.remote or "unknown"
+
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+
+    if not trusted or not is_trusted(peer):
+        return peer
+    hops = [h.strip() for value in request.headers.getall("X-Forwarded-For", []) for h in value.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if not is_trusted(hop):
+            return hop
+    return peer
 
 
 async def _rate_limited(request: web.Request) -> web.Response | None:

@@ -141,3 +141,14 @@ def test_dotenv_in_the_cwd_is_read_and_the_environment_wins(tmp_path, monkeypatc
     finally:  # load_dotenv wrote into os.environ; leave no trace for other tests
         for name in ("VSEARCH_HTTP_PORT", "VIBER_AUTH_TOKEN"):
             os.environ.pop(name, None)
+
+
+def test_trusted_proxies_are_networks_and_bad_ones_are_named():
+    import ipaddress
+
+    settings = BotSettings.from_env({"VSEARCH_TRUSTED_PROXIES": "10.0.0.2, 172.16.0.0/12,::1"})
+    assert settings.trusted_proxies == (ipaddress.ip_network("10.0.0.2/32"), ipaddress.ip_network("172.16.0.0/12"),
+                                        ipaddress.ip_network("::1/128"))
+    assert BotSettings.from_env({}).trusted_proxies == ()
+    with pytest.raises(SettingsError, match="VSEARCH_TRUSTED_PROXIES"):
+        BotSettings.from_env({"VSEARCH_TRUSTED_PROXIES": "proxy.local"})

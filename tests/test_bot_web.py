@@ -177,3 +177,32 @@ async def test_secrets_never_in_healthz_metrics_or_logs(bot_stack, caplog):
     for secret in settings.secrets():
         assert all(secret not in body for body in bodies), secret
         assert secret not in captured, secret
+
+
+def test_client_address_trusts_x_forwarded_for_only_from_trusted_proxies():
+    import ipaddress
+    from unittest.mock import Mock
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from bot.config import BotSettings
+    from bot.web import SETTINGS, client_address
+
+    def address(peer: str, forwarded: str | None, trusted: tuple[str, ...]) -> str:
+        app = web.Application()
+        app[SETTINGS] = BotSettings(trusted_proxies=tuple(ipaddress.ip_network(t) for t in trusted))
+        transport = Mock()
+        transport.get_extra_info.return_value = (peer, 40000)
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        return client_address(make_mocked_request("POST", "/api/search", headers=headers, app=app, transport=transport))
+
+    # No trusted proxy: the header is whatever the client wrote, so it is ignored.
+    assert address("203.0.113.7", "198.51.100.1", ()) == "203.0.113.7"
+    # From the trusted proxy: the nearest address that is not a trusted proxy.
+    assert address("10.0.0.2", "198.51.100.1", ("10.0.0.0/8",)) == "198.51.100.1"
+    assert address("10.0.0.2", "1.2.3.4, 198.51.100.1, 10.0.0.3", ("10.0.0.0/8",)) == "198.51.100.1"
+    # A client that is not the proxy cannot pick its bucket with the header.
+    assert address("203.0.113.7", "198.51.100.1", ("10.0.0.0/8",)) == "203.0.113.7"
+    # Only trusted hops in the header: the peer.
+    assert address("10.0.0.2", "10.0.0.9", ("10.0.0.0/8",)) == "10.0.0.2"

@@ -132,7 +132,7 @@ class InProcessSearchClient:
 
         outcomes: list[SearchResult | BaseException] = [ImageRejected("corrupt", "not decoded")] * len(batch)
         images, slots = [], []
-        draft = getattr(getattr(self.searcher, "extractor", None), "image_size", None)  # decode JPEGs small
+        draft = getattr(self.searcher, "draft_size", None)  # decode JPEGs small
         for i, pending in enumerate(batch):
             try:
                 images.append(load_image(pending.image_bytes, draft_size=draft))

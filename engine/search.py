@@ -102,6 +102,12 @@ class Searcher:
 
     # -- search ----------------------------------------------------------------------------------
 
+    @property
+    def draft_size(self) -> int:
+        """Side to decode query JPEGs at (never below it). A localised query is cropped to its product
+        before embedding, so it is decoded at twice the model's size to keep the crop sharp."""
+        return self.extractor.image_size * (2 if self.extractor.localizes else 1)
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Query photos -> vectors (localised first where the weights have a mask head)."""
         return self.extractor.embed_queries(images, self.settings.pooling)
@@ -109,7 +115,7 @@ class Searcher:
     def search(self, image_bytes: bytes, top_k: int) -> SearchResult:
         start = time.perf_counter()
         index = self._current()
-        image = load_image(image_bytes, draft_size=self.extractor.image_size)
+        image = load_image(image_bytes, draft_size=self.draft_size)
         vector = self.embed_images([image])[0]
         return self._search_vector(index, vector, top_k, start)
 

@@ -61,6 +61,7 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert metrics["pipeline_images"] == quick.images
     # 2000 vectors with search_k 5000 is an exhaustive search: anything short of ~1 means a counting bug.
     assert metrics["annoy_recall_at_10"] >= 0.9
+    assert metrics["annoy_whitened_recall_at_10"] >= 0.9  # the default engine whitens: measured too
     assert metrics["annoy_dims"] == bench.DIMS  # the engine's index dims (VSEARCH_INDEX_DIMS)
     assert metrics["model_best_batch"] in quick.batch_sizes
     assert set(report["details"]["model_by_batch"]) == {str(b) for b in quick.batch_sizes}

@@ -59,7 +59,7 @@ class EngineSettings:
         card = card_index_settings(weights)
         default_pooling = card.get("VSEARCH_POOLING", DEFAULT_POOLING)
         pooling = env.get("VSEARCH_POOLING", default_pooling).strip().lower() or default_pooling
-        index_dims = parse_int(env, "VSEARCH_INDEX_DIMS", DEFAULT_INDEX_DIMS, low=0, high=4096)
+        index_dims = parse_int({**card, **env}, "VSEARCH_INDEX_DIMS", DEFAULT_INDEX_DIMS, low=0, high=4096)
         if 0 < index_dims < MIN_INDEX_DIMS:
             raise SettingsError("VSEARCH_INDEX_DIMS", f"{index_dims} is below {MIN_INDEX_DIMS} (0 keeps all dims)")
         if pooling not in POOLINGS:
@@ -82,9 +82,12 @@ class EngineSettings:
         )
 
 
+CARD_SETTINGS = ("VSEARCH_POOLING", "VSEARCH_WHITENING", "VSEARCH_INDEX_DIMS")
+
+
 def card_index_settings(weights: str) -> dict[str, str]:
     """The index settings a `vsearch train` model card (weights.json beside weights.pth) recommends, e.g.
-    {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": "false"}: the defaults for those weights, which the
+    {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": "true"}: the defaults for those weights, which the
     environment still overrides. Empty for "imagenet", "random" and files without a card."""
     if weights in ("imagenet", "random"):
         return {}
@@ -97,7 +100,7 @@ def card_index_settings(weights: str) -> dict[str, str]:
         raise SettingsError("VSEARCH_WEIGHTS", f"the model card {card_path} cannot be read ({exc})") from None
     if not isinstance(recommended, dict):
         raise SettingsError("VSEARCH_WEIGHTS", f"the model card {card_path} has no valid index_settings")
-    return {k: str(v).lower() for k, v in recommended.items() if k in ("VSEARCH_POOLING", "VSEARCH_WHITENING")}
+    return {k: str(v).lower() for k, v in recommended.items() if k in CARD_SETTINGS}
 
 
 def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -163,7 +163,7 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     assert loaded.mask_head is not None and int(loaded.mask_head.image_size) == SIZE
     # The model card beside the weights gives their index settings as defaults; the environment wins.
     from_card = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights)})
-    assert (from_card.pooling, from_card.whitening) == ("gem", False)
+    assert (from_card.pooling, from_card.whitening, from_card.index_dims) == ("gem", True, 0)
     overridden = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_POOLING": "avg"})
     assert overridden.pooling == "avg"
     settings = EngineSettings(data_dir=tmp_path / "data", weights=str(result.weights), precision="fp32",

@@ -39,6 +39,7 @@ from engine.localize import (  # noqa: E402
     unpad,
 )
 from engine.metrics import recall_at_k  # noqa: E402
+from engine.pooling import Whitening  # noqa: E402
 from engine.train import (  # noqa: E402
     Embedder,
     ImageCache,
@@ -125,6 +126,8 @@ def main() -> int:
     parser.add_argument("--products", choices=("val", "test", "eval"), default="val")
     parser.add_argument("--head-minutes", type=float, default=7.0)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--whitening", action="store_true",
+                        help="whiten (fitted on each variant's index vectors, as vsearch index does)")
     args = parser.parse_args()
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     loaded = load_weights(args.weights)
@@ -137,17 +140,24 @@ def main() -> int:
     csv_path = write_val_catalog(catalog, ids, Path(args.split).with_name(f"{args.products}_variants.csv"))
     entries, _ = _entries(_read(csv_path, None, []), "category")
     products = [e.product_id for e in entries]
-    print(f"| variant | cluttered R@1 | cluttered R@5 | clean R@1 | clean R@5 |  ({len(products)} products)")
+    method = "GeM + whitening" if args.whitening else "GeM"
+    print(f"| variant ({method}, {len(products)} {args.products} products) | cluttered R@1 | cluttered R@5 | "
+          "clean R@1 | clean R@5 |")
     print("|---|---|---|---|---|")
     for name, mode, params, framed in VARIANTS:
         extractor = VariantExtractor(model, args.size, mode, params)
         frame = (lambda img, e, m=params.margin: catalog_crop(img, m)) if framed else (lambda img, e: img)
         _, base, _ = _extract(entries, extractor, frame, ("gem",), False, 16, "", False)
+        index = base.pooled["gem"]
+        whitening = Whitening.fit(index) if args.whitening else None
+        if whitening is not None:
+            index = whitening.apply(index)
         cells = []
         for kind in ("photo", "clean"):
             _, q, _ = _extract(entries, extractor, _transform(kind, 0, EVAL_PARAMS), ("gem",), False, 16, "", False,
                                localize=True)
-            ranked = _product_rankings(q.pooled["gem"], base.pooled["gem"], "cosine", 40, products, None, None)
+            queries = q.pooled["gem"] if whitening is None else whitening.apply(q.pooled["gem"])
+            ranked = _product_rankings(queries, index, "cosine", 40, products, None, None)
             cells += [recall_at_k(ranked, products, 1), recall_at_k(ranked, products, 5)]
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
     return 0

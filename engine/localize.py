@@ -139,9 +139,11 @@ def clean_image(image: Image.Image, prob: np.ndarray, params: CleanupParams = Cl
     if not params.min_area <= area <= params.max_area:
         return None
     box = _padded(mask_box(hard), params.margin, image.size)
-    matte = Image.fromarray(hard.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(params.feather))
-    cleaned = Image.composite(image, Image.new("RGB", image.size, BACKGROUND), matte)
-    return cleaned.crop(box)
+    # Crop first: the compositing then only touches the pixels that are kept.
+    crop = image.crop(box)
+    matte = Image.fromarray(hard[box[1] : box[3], box[0] : box[2]].astype(np.uint8) * 255)
+    matte = matte.filter(ImageFilter.GaussianBlur(params.feather))
+    return Image.composite(crop, Image.new("RGB", crop.size, BACKGROUND), matte)
 
 
 def predict_masks(features: nn.Sequential, head: MaskHead, batch: torch.Tensor) -> np.ndarray:

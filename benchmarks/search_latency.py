@@ -1,0 +1,74 @@
+"""Whole-search latency of trained weights against the untrained engine, interleaved in one run.
+
+Run: .venv/bin/python benchmarks/search_latency.py --split RUN/split.json --weights RUN/weights.pth [--runs 30]
+Builds three indexes of the split's first 150 test products (random weights with the engine's defaults;
+the trained weights with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
+JPEG against each in turn, so that load bursts hit all three alike. Prints p50, p95 and p50 / untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from engine.augment import EVAL_PARAMS, photo_like  # noqa: E402
+from engine.images import load_image_file  # noqa: E402
+from engine.search import Searcher  # noqa: E402
+from engine.settings import EngineSettings  # noqa: E402
+from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
+from indexer.build import build_index  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    split = json.loads(Path(args.split).read_text(encoding="utf-8"))
+    catalog = read_train_catalog(Path(split["catalog"]), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = write_val_catalog(catalog, (split.get("test") or split["eval"])[:150], Path(tmp) / "catalog.csv")
+        first = read_train_catalog(csv_path, None).images[0].source
+        photo = photo_like(load_image_file(first).resize((1280, 960)), EVAL_PARAMS.rng(0, "latency"))
+        buf = io.BytesIO()
+        photo.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        trained = {"weights": args.weights, "pooling": "gem", "whitening": True, "index_dims": 0}
+        configs = {
+            "untrained (random, engine defaults)": {"weights": "random"},
+            "trained, localisation off": {**trained, "localize": "off"},
+            "trained, localisation on": {**trained, "localize": "on"},
+        }
+        searchers = {}
+        for i, (name, options) in enumerate(configs.items()):
+            settings = EngineSettings(data_dir=Path(tmp) / str(i), image_size=224, **options)
+            build_index(csv_path, settings)
+            searchers[name] = Searcher(settings)
+            for _ in range(2):
+                searchers[name].search(data, 5)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in searchers}
+        for _ in range(args.runs):
+            for name, searcher in searchers.items():
+                start = time.perf_counter()
+                searcher.search(data, 5)
+                times[name].append(time.perf_counter() - start)
+    base = float(np.median(next(iter(times.values()))))
+    print("| engine | p50 ms | p95 ms | p50 vs untrained |\n|---|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {np.median(values) * 1000:.1f} | {np.percentile(values, 95) * 1000:.1f} | "
+              f"{np.median(values) / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -207,7 +207,7 @@ class FeatureExtractor:
         """(N, S/4, S/4) product probabilities over each image's padded square, from a pass at the head's size."""
         if self.mask_head is None:
             raise RuntimeError("these weights have no mask head")
-        size = int(self.mask_head.image_size)
+        size = self.cleanup.mask_size or int(self.mask_head.image_size)
         batch = torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
         batch = batch.contiguous(memory_format=torch.channels_last)
         with (

@@ -33,6 +33,7 @@ class CleanupParams:
     max_area: float = 0.97  # nor one covering (almost) everything: nothing to remove
     margin: float = 0.10  # border around the crop, as a share of the product's longer side
     feather: float = 1.5  # edge softening, in pixels of the cleaned image
+    mask_size: int | None = None  # side of the mask pass; None: the size the head was trained at
 
 
 class MaskHead(nn.Module):

@@ -17,7 +17,7 @@ LOCALIZE_MODES = ("auto", "on", "off")  # auto: on when the weights carry a mask
 DEFAULT_POOLING = "avg"
 DEFAULT_WHITENING = True
 # Principal directions the whitening keeps in the index (0: all of the pooled vector's 512). 256 halves the
-# Annoy index and its distance cost with no loss in `vsearch eval`, and lets `vsearch bench` meet its Annoy goal.
+# Annoy index and its distance cost, within noise in `vsearch eval` (README, Quality and Performance).
 DEFAULT_INDEX_DIMS = 256
 MIN_INDEX_DIMS = 8
 

@@ -108,6 +108,17 @@ def card_caption(rank: int, title: str, price_text: str | None, url: str | None)
     return "\n".join(lines)
 
 
+def image_cache_key(path: Path) -> str | None:
+    """Names this exact file version, so an edited image is uploaded again; None when it cannot be read.
+
+    Keys the uploads that channels cache (Telegram file ids, WhatsApp media ids)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def image_path_url(product_id: str, n: int = 0) -> str:
     """The web app's path of a product's n-th local image (served by bot/web.py): /images/<quoted id>/<n>."""
     return f"/images/{quote(product_id, safe='')}/{n}"

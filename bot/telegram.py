@@ -12,7 +12,6 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -49,7 +48,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from bot import replies
 from bot.config import BotSettings
-from bot.replies import DownloadFailed, ProductCard, Reply
+from bot.replies import DownloadFailed, ProductCard, Reply, image_cache_key
 from bot.state import State
 from bot.webhooks import parse_json_object, read_body
 from engine.errors import ImageRejected, VsearchError
@@ -165,15 +164,6 @@ def webhook_secret(settings: BotSettings) -> str:
 def webhook_path(settings: BotSettings) -> str:
     path = urlsplit(settings.telegram_webhook_url or "").path
     return path if path and path != "/" else DEFAULT_WEBHOOK_PATH
-
-
-def image_cache_key(path: Path) -> str | None:
-    """Names this exact file version, so an edited image is uploaded again; None when it cannot be read."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def split_text(text: str, limit: int = TEXT_MAX) -> list[str]:

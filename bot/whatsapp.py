@@ -18,7 +18,7 @@ from aiohttp import web
 from bot import replies
 from bot.config import BotSettings
 from bot.core import ChatCore
-from bot.replies import DownloadFailed, ProductCard, Reply
+from bot.replies import DownloadFailed, ProductCard, Reply, image_cache_key
 from bot.state import WA_MEDIA_TTL_S
 from bot.webhooks import (
     ApiError,
@@ -347,8 +347,9 @@ class WhatsAppChannel:
 
     async def upload(self, path: Path) -> str:
         """The media id of a local image: uploaded once, then reused from Redis (or memory while Redis is down)."""
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = image_cache_key(path)
+        if key is None:
+            raise OSError(f"cannot read the catalog image {path}")
         cached_id = await self._cached_media_id(key)
         if cached_id:
             return cached_id

@@ -28,7 +28,8 @@ from fake_telegram import (
 from PIL import Image
 
 from bot import replies
-from bot.telegram import SECRET_HEADER, RetryPolicy, TelegramChannel, image_cache_key, pick_photo, split_text
+from bot.replies import image_cache_key
+from bot.telegram import SECRET_HEADER, RetryPolicy, TelegramChannel, pick_photo, split_text
 from engine.errors import VsearchError
 
 if TYPE_CHECKING:

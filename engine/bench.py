@@ -404,7 +404,8 @@ class Bench:
         if stand_in:  # at half the index size, as `vsearch train` runs by default (112 for 224)
             ext.mask_head = MaskHead(image_size=max(32, ext.image_size // 2)).eval()
         try:
-            photos = [load_image(query_photo(*cfg.query_px, seed=i), draft_size=ext.image_size) for i in range(5)]
+            # Decoded as a localising search decodes them (twice the model size).
+            photos = [load_image(query_photo(*cfg.query_px, seed=i), draft_size=ext.query_draft_size) for i in range(5)]
             ext.localize(photos[:1])  # warm-up
             times = []
             for i in range(cfg.latency_queries):

@@ -171,6 +171,12 @@ class FeatureExtractor:
         """How catalog images are framed before embedding; recorded in the manifest: "product" or "whole"."""
         return "product" if self.localizes else "whole"
 
+    @property
+    def query_draft_size(self) -> int:
+        """Side to decode query JPEGs at (never below it). A localised query is cropped to its product
+        before embedding, so it is decoded at twice the model's size to keep the crop sharp."""
+        return self.image_size * (2 if self.localizes else 1)
+
     def frame_catalog_image(self, image: Image.Image) -> Image.Image:
         return catalog_crop(image, self.cleanup.margin) if self.localizes else image
 

@@ -104,9 +104,8 @@ class Searcher:
 
     @property
     def draft_size(self) -> int:
-        """Side to decode query JPEGs at (never below it). A localised query is cropped to its product
-        before embedding, so it is decoded at twice the model's size to keep the crop sharp."""
-        return self.extractor.image_size * (2 if self.extractor.localizes else 1)
+        """Side to decode query JPEGs at (see FeatureExtractor.query_draft_size)."""
+        return self.extractor.query_draft_size
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Query photos -> vectors (localised first where the weights have a mask head)."""

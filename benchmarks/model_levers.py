@@ -1,6 +1,6 @@
 """Measure CPU levers for the VGG16 conv stack: precision, layout, threads, batch, JIT, torch.compile, decoding.
 
-Run: .venv/bin/python benchmarks/model_levers.py [--sections model,batch,threads,omp_wait,decode,overlap]
+Run: .venv/bin/python benchmarks/model_levers.py [--sections model,batch,threads,omp_wait,decode,overlap,cast]
      [--seconds 4] [--threads N] [--skip-compile]
 
 On a shared, noisy machine the variants of a section are timed round-robin (one call each in turn) and
@@ -42,10 +42,10 @@ from engine.pooling import pool  # noqa: E402
 from engine.weights import load_weights  # noqa: E402
 from indexer.demo import COLOURS, STYLES, draw_shoe  # noqa: E402
 
-SECTIONS = ("model", "batch", "threads", "omp_wait", "decode", "overlap")
+SECTIONS = ("model", "batch", "threads", "omp_wait", "decode", "overlap", "cast")
 SIZE = DEFAULT_IMAGE_SIZE
 CL = torch.channels_last
-ENGINE = "engine today: eager, bf16 autocast, channels_last"
+ENGINE = "engine today: eager, bf16 weights, channels_last"
 
 
 def load() -> str:
@@ -190,11 +190,11 @@ def section_model(seconds: float, batch: int = 8, skip_compile: bool = False) ->
         ref = conv_stack()(x)
     notes: dict[str, str] = {}
     builders: dict[str, Callable[[], Callable]] = {
-        ENGINE: lambda: eager("bf16 autocast"),
+        ENGINE: lambda: eager("bf16 weights"),
+        "eager, bf16 autocast, channels_last": lambda: eager("bf16 autocast"),
         "eager, fp32, contiguous": lambda: eager("fp32", torch.contiguous_format),
         "eager, fp32, channels_last": lambda: eager("fp32"),
         "eager, bf16 autocast, contiguous": lambda: eager("bf16 autocast", torch.contiguous_format),
-        "eager, bf16 weights (model.to(bfloat16)), channels_last": lambda: eager("bf16 weights"),
         "eager, torch.utils.mkldnn.to_mkldnn, bf16 weights": lambda: mkldnn_module("bf16 weights"),
         "jit.trace+freeze, bf16 weights, default fuser": lambda: jit_frozen("bf16 weights", x, fusion=False),
         "jit.trace+freeze, fp32, oneDNN graph fusion": lambda: jit_frozen("fp32", x, fusion=True),
@@ -219,7 +219,7 @@ def section_batch(seconds: float) -> None:
     """The engine path vs the levers that prepack weights, at each batch size."""
     x1 = inputs(1)
     fns = {
-        ENGINE: eager("bf16 autocast"),
+        ENGINE: eager("bf16 weights"),
         "to_mkldnn, bf16 weights": mkldnn_module("bf16 weights"),
         "jit.trace+freeze, bf16 weights, oneDNN graph fusion": jit_frozen("bf16 weights", x1, fusion=True),
         "torch.compile, bf16 weights, freezing": compiled("bf16 weights", x1, freezing=True),
@@ -239,7 +239,7 @@ def section_threads(seconds: float) -> None:
     default = torch.get_num_threads()
     x1 = inputs(1)
     paths = {
-        "engine path (eager, bf16 autocast, CL)": eager("bf16 autocast"),
+        "engine path (eager, bf16 weights, CL)": eager("bf16 weights"),
         "to_mkldnn, bf16 weights": mkldnn_module("bf16 weights"),
         "jit.trace+freeze, bf16 weights, oneDNN graph fusion": jit_frozen("bf16 weights", x1, fusion=True),
     }
@@ -287,7 +287,7 @@ def section_omp_wait(seconds: float, rounds: int = 3) -> None:
 
 
 def child_omp(seconds: float) -> None:
-    engine = eager("bf16 autocast")
+    engine = eager("bf16 weights")
     result = {}
     for batch in (1, 8):
         x = inputs(batch)
@@ -321,7 +321,7 @@ def section_decode(seconds: float) -> None:
 def section_overlap(seconds: float, n: int = 48, batch: int = 16) -> None:
     """Decode (load_image + preprocess) and model one after the other, vs a decode pool feeding the model."""
     datas = [jpeg(400, 400, i) for i in range(n)]
-    engine = eager("bf16 autocast")
+    engine = eager("bf16 weights")
 
     def decode(d: bytes) -> np.ndarray:
         return preprocess(load_image(d, draft_size=SIZE), SIZE)
@@ -359,6 +359,25 @@ def section_overlap(seconds: float, n: int = 48, batch: int = 16) -> None:
     for name, median in medians.items():
         print(f"| decode/model overlap | {name}, {n} JPEGs 400px, batch {batch} | {n / median:.2f} | - | - | "
               f"decode alone {decode_ips:.0f} img/s; {load()} |", flush=True)
+
+
+def section_cast(seconds: float) -> None:
+    """bf16 weights stored once against bf16 autocast over fp32 weights, which casts every weight again on
+    each call (inference mode caches no casts): a fixed cost per call, so it shows at batch 1 and small inputs."""
+    global SIZE
+    default = SIZE
+    try:
+        for size in (112, 160, 224):
+            SIZE = size
+            for batch in (1, 4):
+                x = inputs(batch)
+                fns = {ENGINE: eager("bf16 weights"), "eager, bf16 autocast, channels_last": eager("bf16 autocast")}
+                for fn in fns.values():
+                    fn(x)
+                medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
+                report("cast", batch, medians, {}, {name: f"{size} px; {load()}" for name in medians})
+    finally:
+        SIZE = default
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Whole-search latency of trained weights against the untrained engine, interleaved in one run.
 
 Run: .venv/bin/python benchmarks/search_latency.py --split RUN/split.json --weights RUN/weights.pth [--runs 30]
-Builds three indexes of the split's first 150 test products (random weights with the engine's defaults;
-the trained weights with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
+        [--size 224]
+Builds three indexes of the split's first 150 test products (random weights with the engine's defaults,
+224 px; the trained weights at --size px with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
 JPEG against each in turn, so that load bursts hit all three alike. Prints p50, p95 and p50 / untrained.
 """
 
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--split", required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--size", type=int, default=224, help="image size of the trained engine (px)")
     args = parser.parse_args()
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     catalog = read_train_catalog(Path(split["catalog"]), None)
@@ -43,15 +45,16 @@ def main() -> int:
         buf = io.BytesIO()
         photo.save(buf, "JPEG", quality=85)
         data = buf.getvalue()
-        trained = {"weights": args.weights, "pooling": "gem", "whitening": True, "index_dims": 0}
+        trained = {"weights": args.weights, "pooling": "gem", "whitening": True, "index_dims": 0,
+                   "image_size": args.size}
         configs = {
-            "untrained (random, engine defaults)": {"weights": "random"},
-            "trained, localisation off": {**trained, "localize": "off"},
-            "trained, localisation on": {**trained, "localize": "on"},
+            "untrained (random, engine defaults)": {"weights": "random", "image_size": 224},
+            f"trained, {args.size} px, localisation off": {**trained, "localize": "off"},
+            f"trained, {args.size} px, localisation on": {**trained, "localize": "on"},
         }
         searchers = {}
         for i, (name, options) in enumerate(configs.items()):
-            settings = EngineSettings(data_dir=Path(tmp) / str(i), image_size=224, **options)
+            settings = EngineSettings(data_dir=Path(tmp) / str(i), **options)
             build_index(csv_path, settings)
             searchers[name] = Searcher(settings)
             for _ in range(2):

@@ -1,14 +1,18 @@
 """Before/after table of a `vsearch train` run, on products the training never saw.
 
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
-        [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--json out.json]
-For each weights spec (anything VSEARCH_WEIGHTS accepts), at 224 px, GeM pooling, every configuration of
+        [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
+        [--json out.json]
+For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling, every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
 (re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:
 - on the split's test products (held out and never used to pick an epoch): clean, photo-like and
   cluttered photo-like recall@1/@5 (engine.evaluate.run_eval, the code of `vsearch eval`);
 - category precision@5 on --categories (a seeded sample of products that were not in the training
   catalog) and same-product recall on shoes_multiview (real second photos);
+- `--products val` measures the split's validation products instead, and category precision on 500 other
+  products of --categories (outside the report's seeded sample): for choosing settings without looking
+  at the products that are reported;
 - whole-search latency: `Searcher.search` p50 of a 1280x960 cluttered phone-like JPEG against an index of
   the test products (decode, mask pass and clean-up where on, embedding, Annoy), batch 1.
 """
@@ -16,6 +20,7 @@ whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alp
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import os
@@ -29,25 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from engine.augment import EVAL_PARAMS, photo_like  # noqa: E402
-from engine.evaluate import SEED_BASELINE, run_eval  # noqa: E402
+from engine.evaluate import SEED_BASELINE, run_eval, sample_products  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.images import load_image_file  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-SIZE = 224
 QUERY_METRICS = ("clean_r1", "clean_r5", "plain_r1", "plain_r5", "photo_r1", "photo_r5")
 
 
-def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed: int) -> float:
+def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed: int, size: int) -> float:
     """p50 ms of `Searcher.search` (whole search) for one cluttered 1280x960 JPEG, after two warm-ups."""
     from engine.search import Searcher
     from indexer.build import build_index
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = EngineSettings(data_dir=Path(tmp), weights=spec, pooling="gem", whitening=False,
-                                  localize=localize, image_size=SIZE)
+                                  localize=localize, image_size=size)
         build_index(catalog_csv, settings)
         searcher = Searcher(settings)
         first = read_train_catalog(catalog_csv, None).images[0].source
@@ -63,19 +67,30 @@ def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed:
     return float(np.median(times[2:]) * 1000)
 
 
+def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
+    """The products of `catalog` outside the report's seeded sample (run_eval's limit, seed 0)."""
+    rows = list(csv.DictReader(catalog.open(encoding="utf-8", newline="")))
+    reported = set(sample_products([r["product_id"] for r in rows], report_limit, 0))
+    with out.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["product_id"] not in reported)
+    return out
+
+
 def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace) -> list[dict[str, object]]:
-    extractor = FeatureExtractor(spec, "auto", image_size=SIZE, threads=args.threads or None, localize=localize)
+    extractor = FeatureExtractor(spec, "auto", image_size=args.size, threads=args.threads or None, localize=localize)
     on = extractor.localizes
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
               "localize": on, "query_expansion": True, "seed": args.seed}
     start = time.perf_counter()
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)
     cats = run_eval(args.categories, column_map={"id": "product_id"}, limit=args.categories_limit, queries=(),
-                    include_seed_baseline=False, **common)
+                    include_seed_baseline=False, **{**common, "seed": args.categories_seed})
     multi = run_eval(DATASETS / "shoes_multiview/catalog.csv", column_map={"id": "product_id"}, queries=(),
                      include_seed_baseline=False, **common)
     seconds = round(time.perf_counter() - start, 1)
-    latency = search_latency(spec, localize, test_csv, args.latency, args.seed) if args.latency else None
+    latency = search_latency(spec, localize, test_csv, args.latency, args.seed, args.size) if args.latency else None
     rows = []
     for method in test.methods:
         row: dict[str, object] = {"weights": spec, "weights_id": extractor.weights_id, "localized": on,
@@ -103,8 +118,14 @@ def main() -> int:
     parser.add_argument("--latency", type=int, default=30, help="timed searches per weights (0: skip)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the quality passes (0: the engine's default; latency always uses it)")
+    parser.add_argument("--size", type=int, default=224, help="image size of index and queries (px)")
+    parser.add_argument("--localize", choices=("both", "on", "off"), default="both",
+                        help="for weights with a mask head: measure with localisation on, off or both")
+    parser.add_argument("--products", choices=("test", "val"), default="test",
+                        help="val: the validation products and other category products, for choosing settings")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    args.categories_seed = 0
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     catalog = read_train_catalog(Path(split["catalog"]), None)
     if catalog.sha256 != split["catalog_sha256"]:
@@ -112,7 +133,12 @@ def main() -> int:
         return 2
     test_ids = split.get("test") or split["eval"]
     assert not set(test_ids) & set(split["train"]) and not set(test_ids) & set(split.get("val", []))
-    test_csv = write_val_catalog(catalog, test_ids, Path(args.split).with_name("test_catalog.csv"))
+    if args.products == "val":
+        test_ids = split["val"]
+        args.categories = choice_categories(args.categories, args.categories_limit,
+                                            Path(args.split).with_name("categories_choice.csv"))
+        args.categories_limit, args.categories_seed = 500, 1
+    test_csv = write_val_catalog(catalog, test_ids, Path(args.split).with_name(f"{args.products}_catalog.csv"))
     cols = [*QUERY_METRICS, "category_p5", "same_r1", "same_r5", "search_p50_ms"]
     print("| weights | localised | method | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols), flush=True)
@@ -121,6 +147,7 @@ def main() -> int:
         modes = ["off"]
         if FeatureExtractor(spec, "fp32", image_size=64).localizes:
             modes.append("on")
+        modes = [m for m in modes if args.localize in ("both", m)] or modes
         for localize in modes:
             for row in evaluate(spec, localize, test_csv, args):
                 rows.append(row)

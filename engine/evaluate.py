@@ -442,13 +442,14 @@ def _entries(catalog: Catalog, category_field: str) -> tuple[list[_Entry], list[
                 product_id=ref.product_id,
                 source=ref.source,
                 key=f"{ref.product_id}#{position[ref.product_id]}",
-                label=_label(product, category_field),
+                label=product_label(product, category_field),
             )
         )
     return entries, skipped
 
 
-def _label(product: Any, category_field: str) -> str | None:
+def product_label(product: Any, category_field: str) -> str | None:
+    """The value of `category_field` (a core field or an extra column, case-insensitive) or None."""
     if category_field in ("category", "brand"):
         value = getattr(product, category_field)
     else:

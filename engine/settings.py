@@ -76,13 +76,13 @@ class EngineSettings:
             pooling=pooling,
             whitening=parse_bool({**card, **env}, "VSEARCH_WHITENING", DEFAULT_WHITENING),
             index_dims=index_dims,
-            image_size=parse_int(env, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
+            image_size=parse_int({**card, **env}, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
             localize=localize,
         )
 
 
-CARD_SETTINGS = ("VSEARCH_POOLING", "VSEARCH_WHITENING", "VSEARCH_INDEX_DIMS")
+CARD_SETTINGS = ("VSEARCH_POOLING", "VSEARCH_WHITENING", "VSEARCH_INDEX_DIMS", "VSEARCH_IMAGE_SIZE")
 
 
 def card_index_settings(weights: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from engine.augment import TRAIN_PARAMS, clean_crop, foreground_mask, photo_like_with_mask
 from engine.errors import CatalogError, ImageRejected, VsearchError, WeightsError
-from engine.evaluate import PLACEHOLDER_URL, run_eval, sample_products, split_products
+from engine.evaluate import PLACEHOLDER_URL, product_label, run_eval, sample_products, split_products
 from engine.features import cpu_has_native_bf16, preprocess
 from engine.images import load_image_file
 from engine.localize import (
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 ARCHS = ("vgg16", "vgg16_bn")
 LOSSES = ("nt-xent", "proxy")
 PROXY_TEMPERATURE = 0.05  # normalised softmax over product proxies (Zhai & Wu); proxies learn 10x faster
+CATEGORY_TEMPERATURE = 0.1  # the category term: normalised softmax over one proxy per catalog category
 CHECKPOINT = "checkpoint.pth"
 WEIGHTS = "weights.pth"
 CARD = "weights.json"
@@ -65,6 +66,13 @@ MASK_LOSS_WEIGHT = 1.0  # the mask head's BCE beside the contrastive loss
 INDEX_SETTINGS = {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": True, "VSEARCH_INDEX_DIMS": 0}
 WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
 EXIT_INTERRUPTED = 130
+
+
+def index_image_size(train_size: int) -> int:
+    """The index and query resolution for weights trained at `train_size`: 10/7 of it in steps of 16, at most
+    the engine's 224 (112 -> 160). For the README's 112 px run, 128 to 224 px scored alike on the validation
+    products (`benchmarks/train_eval.py --products val --size N`); 160 costs half of 224's model time."""
+    return max(32, min(224, 16 * round(train_size * 10 / 7 / 16)))
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1
     loss: str = "nt-xent"  # or "proxy": one learned proxy per product, normalised softmax
+    category_field: str = "category"  # catalog field of the category term ("" : none)
+    category_weight: float = 0.0  # weight of the category term (0: off); on only with 2+ categories
     val_limit: int | None = 200  # eval products used by the per-epoch validation (None: all)
-    val_image_size: int | None = None  # None: the training size
+    val_image_size: int | None = None  # None: the index size the model card recommends (index_image_size)
     cache_mb: int = 1024
     progress: bool = True
 
@@ -106,6 +116,7 @@ class TrainConfig:
             (self.val_limit is None or self.val_limit >= 2, f"--val-limit must be at least 2, got {self.val_limit}"),
             (self.cache_mb >= 0, f"--cache-mb must be 0 or more, got {self.cache_mb}"),
             (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
+            (self.category_weight >= 0, f"--category-weight must be 0 or more, got {self.category_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,6 +162,36 @@ def proxy_softmax(z: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, 
     return F.cross_entropy(logits, labels)
 
 
+@dataclass
+class CategoryTerm:
+    """The catalog's own categories as a second, weaker signal: each view is classified among one learned
+    proxy per category (normalised softmax), so that products of a category end up near each other while
+    NT-Xent keeps them apart. `of_product[i]`: the category index of training product i, -1 when it has none."""
+
+    names: list[str]
+    of_product: torch.Tensor
+    proxies: nn.Parameter
+    weight: float
+
+    @classmethod
+    def of_catalog(cls, categories: Sequence[str], weight: float, dims: int, seed: int) -> CategoryTerm | None:
+        """None when the term is off: weight 0, or fewer than 2 categories among the training products."""
+        names = sorted({c for c in categories if c})
+        if weight <= 0 or len(names) < 2:
+            return None
+        index = {name: i for i, name in enumerate(names)}
+        generator = torch.Generator().manual_seed(seed + 1)
+        return cls(names, torch.tensor([index.get(c, -1) for c in categories]),
+                   nn.Parameter(torch.randn(len(names), dims, generator=generator)), weight)
+
+    def loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = self.of_product.to(labels.device)[labels]
+        if bool((targets < 0).all()):
+            return torch.zeros((), device=z.device)
+        logits = F.normalize(z.float(), dim=1) @ F.normalize(self.proxies.float(), dim=1).T / CATEGORY_TEMPERATURE
+        return F.cross_entropy(logits, targets, ignore_index=-1)
+
+
 def build_features(weights: str, arch: str, seed: int) -> tuple[nn.Sequential, str, str]:
     """The starting conv stack: (features, arch, start id). Random init is seeded and defaults to VGG16-BN."""
     if weights == "random":
@@ -186,12 +227,14 @@ def train_step(
     precision: str = "fp32",
     labels: torch.Tensor | None = None,
     proxies: torch.Tensor | None = None,
-) -> tuple[float, float]:
+    category: CategoryTerm | None = None,
+) -> tuple[float, float, float]:
     """One optimisation step on a batch of view pairs and their product masks (both views, (2N, S/4, S/4)).
 
-    Returns (metric loss, mask loss): NT-Xent between the two views, or, with `proxies`, the normalised
-    softmax of both views against the product proxies (`labels`: each pair's product index). Both views
-    share one forward (batch norm sees them together).
+    Returns (metric loss, mask loss, category loss): NT-Xent between the two views, or, with `proxies`, the
+    normalised softmax of both views against the product proxies (`labels`: each pair's product index);
+    with `category`, its weighted term is added (needs `labels`). Both views share one forward (batch norm
+    sees them together).
     """
     device = next(model.parameters()).device
     x = torch.cat([a, b]).to(device).contiguous(memory_format=torch.channels_last)
@@ -203,10 +246,16 @@ def train_step(
         assert labels is not None
         contrastive = proxy_softmax(z, torch.cat([labels, labels]).to(device), proxies, PROXY_TEMPERATURE)
     mask_loss = F.binary_cross_entropy_with_logits(logits.float()[:, 0], masks.to(device))
+    total = contrastive + MASK_LOSS_WEIGHT * mask_loss
+    category_loss = torch.zeros(())
+    if category is not None:
+        assert labels is not None
+        category_loss = category.loss(z, torch.cat([labels, labels]).to(device))
+        total = total + category.weight * category_loss
     optimizer.zero_grad(set_to_none=True)
-    (contrastive + MASK_LOSS_WEIGHT * mask_loss).backward()
+    total.backward()
     optimizer.step()
-    return float(contrastive.detach()), float(mask_loss.detach())
+    return float(contrastive.detach()), float(mask_loss.detach()), float(category_loss.detach())
 
 
 def lr_factor(progress: float) -> float:
@@ -396,8 +445,9 @@ def validate(
     model: Embedder, val_catalog: Path, image_size: int, seed: int, device: torch.device, precision: str,
     localize: bool = True,
 ) -> dict[str, float | None]:
-    """GeM, no whitening, on the validation products: clean and cluttered photo-like recall (eval presets),
-    queries localised by the mask head as `Searcher.search` does (not before training: the head is untrained)."""
+    """The index settings the model card recommends (GeM with whitening fitted on the validation catalog, at
+    `image_size`) on the validation products: clean and cluttered photo-like recall (eval presets), queries
+    localised by the mask head as `Searcher.search` does (not before training: the head is untrained)."""
     was_training = model.training
     model.eval()
     try:
@@ -406,7 +456,7 @@ def validate(
             extractor=ModelExtractor(model, image_size, device, precision),
             seed=seed,
             poolings=("gem",),
-            whitening=(False,),
+            whitening=(False, True),
             include_seed_baseline=False,
             queries=("photo", "clean"),
             localize=localize,
@@ -414,7 +464,8 @@ def validate(
         )
     finally:
         model.train(was_training)
-    metrics = report.methods[0].metrics
+    by_name = {m.method: m.metrics for m in report.methods}
+    metrics = by_name.get("gem+white") or by_name["gem"]  # whitening needs 2+ validation images
     return {k: metrics.get(k) for k in ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")}
 
 
@@ -454,6 +505,7 @@ class TrainState:
     arch: str
     catalog_sha256: str
     loss: str = "nt-xent"
+    categories: list[str] = field(default_factory=list)  # the category term's classes (empty: off)
     epochs_done: int = 0
     steps_done: int = 0
     seconds: float = 0.0  # wall time of the run so far, all sessions (decoding and validation included)
@@ -507,7 +559,7 @@ def train(config: TrainConfig) -> TrainResult:
         out / SPLIT,
     )
     val_catalog = write_val_catalog(catalog, val_ids, out / VAL_CATALOG)
-    val_size = config.val_image_size or config.image_size
+    val_size = config.val_image_size or index_image_size(config.image_size)
 
     device, precision = pick_device()
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if config.resume else None
@@ -543,7 +595,8 @@ def train(config: TrainConfig) -> TrainResult:
             by_product.setdefault(item.product_id, []).append(n)
     if cache.failed:
         log.warning("%d training image(s) could not be decoded and are left out", len(cache.failed))
-    products = [by_product[p] for p in train_ids if p in by_product]
+    train_products = [p for p in train_ids if p in by_product]
+    products = [by_product[p] for p in train_products]
     if len(products) < 2:
         raise CatalogError("fewer than 2 training products have a readable image", "Check the image paths of the catalog.")
     batch_size = min(config.batch_size, len(products))
@@ -556,6 +609,24 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is not None:
             proxies.data.copy_(checkpoint["proxies"])
         groups.append({"params": [proxies], "base_lr": 10 * config.lr, "weight_decay": 0.0})
+    category = CategoryTerm.of_catalog(
+        [(product_label(catalog.products[p], config.category_field) or "") if config.category_field else ""
+         for p in train_products],
+        config.category_weight, model.embedding_dims, config.seed)
+    if checkpoint is not None and state.categories != (category.names if category else []):
+        raise VsearchError(
+            f"the run in {out} was started with category term {state.categories or 'off'}, not "
+            f"{category.names if category else 'off'}",
+            "Resume with the same --category-field and --category-weight, or start a new run with another --out.",
+        )
+    if category is not None:
+        state.categories = category.names
+        category.proxies.data = category.proxies.data.to(device)
+        if checkpoint is not None:
+            category.proxies.data.copy_(checkpoint["category_proxies"])
+        groups.append({"params": [category.proxies], "base_lr": 10 * config.lr, "weight_decay": 0.0})
+        log.info("category term: %s (field %r, weight %s)", ", ".join(category.names), config.category_field,
+                 config.category_weight)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -591,8 +662,12 @@ def train(config: TrainConfig) -> TrainResult:
                      "temperature": config.temperature if config.loss == "nt-xent" else PROXY_TEMPERATURE,
                      "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None,
                      "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
-                     "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None},
-            "index_settings": INDEX_SETTINGS,
+                     "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None,
+                     "category": ({"field": config.category_field, "classes": category.names,
+                                   "weight": category.weight, "temperature": CATEGORY_TEMPERATURE,
+                                   "final_epoch_loss": state.history[-1].get("category_loss") if state.history
+                                   else None} if category else None)},
+            "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size)},
             "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
                           "used": "queries only (Searcher.search), VSEARCH_LOCALIZE=auto"},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,
@@ -600,7 +675,7 @@ def train(config: TrainConfig) -> TrainResult:
             "augment": {"preset": TRAIN_PARAMS.name, "clean_anchor_share": CLEAN_ANCHOR_SHARE,
                         "clutter_share": CLUTTER_SHARE, "grey_share": GREY_SHARE},
             "validation": {"catalog": str(val_catalog), "products": len(val_ids), "image_size": val_size,
-                           "method": "gem, no whitening, queries localised after epoch 0; eval presets and seeds "
+                           "method": "gem + whitening, queries localised after epoch 0; eval presets and seeds "
                                      "(engine.evaluate); picks the best epoch, so report figures on the split's "
                                      "`test` products",
                            "before": state.before, "after": state.best},
@@ -616,7 +691,8 @@ def train(config: TrainConfig) -> TrainResult:
     def save_checkpoint() -> None:
         state.seconds = elapsed()
         _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
-                      "proxies": proxies.detach().cpu() if proxies is not None else None}, ckpt_path)
+                      "proxies": proxies.detach().cpu() if proxies is not None else None,
+                      "category_proxies": category.proxies.detach().cpu() if category else None}, ckpt_path)
 
     interrupted = False
     try:
@@ -638,6 +714,7 @@ def train(config: TrainConfig) -> TrainResult:
             epoch_start = time.perf_counter()
             losses: list[float] = []
             mask_losses: list[float] = []
+            category_losses: list[float] = []
             out_of_time = False
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                        disable=not config.progress)
@@ -647,14 +724,18 @@ def train(config: TrainConfig) -> TrainResult:
                     progress = max(progress, elapsed() / budget)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_factor(progress)
-                loss, mask_loss = train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), config.temperature,
-                                             precision, labels, proxies)
+                loss, mask_loss, category_loss = train_step(
+                    model, optimizer, a, b, torch.cat([mask_a, mask_b]), config.temperature, precision, labels,
+                    proxies, category)
                 losses.append(loss)
                 mask_losses.append(mask_loss)
+                category_losses.append(category_loss)
                 state.steps_done += 1
                 rate = 2 * batch_size * len(losses) / (time.perf_counter() - epoch_start)
-                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}", "mask": f"{np.mean(mask_losses[-20:]):.3f}",
-                           "img/s": f"{rate:.1f}"}
+                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}", "mask": f"{np.mean(mask_losses[-20:]):.3f}"}
+                if category is not None:
+                    postfix["category"] = f"{np.mean(category_losses[-20:]):.3f}"
+                postfix["img/s"] = f"{rate:.1f}"
                 if budget is not None:
                     postfix["left"] = f"{max(0.0, budget - elapsed()) / 60:.1f}min"
                 bar.set_postfix(postfix)
@@ -671,6 +752,7 @@ def train(config: TrainConfig) -> TrainResult:
             state.history.append({
                 "epoch": epoch, "steps": len(losses), "loss": round(float(np.mean(losses)), 4) if losses else None,
                 "mask_loss": round(float(np.mean(mask_losses)), 4) if mask_losses else None,
+                "category_loss": round(float(np.mean(category_losses)), 4) if category and category_losses else None,
                 "images_per_s": round(2 * batch_size * len(losses) / max(train_seconds, 1e-9), 2),
                 "train_seconds": round(train_seconds, 1), "val_seconds": round(last_val_seconds, 1),
                 "lr": optimizer.param_groups[0]["lr"], "val": metrics, "load": [round(x, 2) for x in os.getloadavg()],
@@ -726,6 +808,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=LOSSES, default="nt-xent",
                         help="nt-xent: the two views of a product against the batch (default); proxy: each view "
                         "against a learned proxy per product (README: Training)")
+    parser.add_argument("--category-field", default="category",
+                        help="catalog field whose values the category term learns (default category; '' for none)")
+    parser.add_argument("--category-weight", type=float, default=0.0,
+                        help="weight of the category term beside the product loss (default 0: off; the README's run 3 "
+                        "used 0.5). On only when the training products have 2 or more categories (README: Training)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -750,6 +837,8 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         lr=args.lr,
         loss=args.loss,
+        category_field=args.category_field,
+        category_weight=args.category_weight,
         val_limit=args.val_limit,
     )
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C

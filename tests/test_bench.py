@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 from engine import bench
 from vsearch_cli.main import build_parser
@@ -50,7 +52,8 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VSEARCH_DATA_DIR", str(tmp_path / "untouched"))
     out = tmp_path / "bench.json"
 
-    assert cli_main(["bench", "--quick", "--json", str(out)]) == 0
+    # --rss-python names the peak-RSS process's interpreter (for a virtualenv with another torch build).
+    assert cli_main(["bench", "--quick", "--json", str(out), "--rss-python", sys.executable]) == 0
 
     report = json.loads(out.read_text(encoding="utf-8"))
     metrics = report["metrics"]
@@ -66,6 +69,8 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert metrics["model_best_batch"] in quick.batch_sizes
     assert set(report["details"]["model_by_batch"]) == {str(b) for b in quick.batch_sizes}
     assert report["details"]["rss_index"].startswith(f"{quick.vectors} images")
+    assert report["details"]["rss_torch"] == report["details"]["rss_this_python_torch"] == torch.__version__
+    assert metrics["peak_rss_this_python_mb"] > 0  # with --rss-python, this interpreter is measured too
     stages = report["details"]["rss_stages_mb"]
     assert list(stages) == ["import torch", "import engine", "model loaded", "index loaded",
                             "after 1st query", "after queries"]

@@ -23,6 +23,7 @@ from engine.train import (
     Embedder,
     TrainConfig,
     build_features,
+    index_image_size,
     lr_factor,
     make_views,
     nt_xent,
@@ -101,7 +102,7 @@ def test_loss_falls_on_a_fixed_batch(catalog: Path) -> None:
     masks = torch.from_numpy(np.stack([mask_target(v.mask, SIZE) for v in [x for x, _ in pairs] + [y for _, y in pairs]]))
     assert masks.shape == (8, SIZE // 4, SIZE // 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses, mask_losses = zip(*[train_step(model, optimizer, a, b, masks, 0.1) for _ in range(8)], strict=True)
+    losses, mask_losses, _ = zip(*[train_step(model, optimizer, a, b, masks, 0.1) for _ in range(8)], strict=True)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert np.mean(mask_losses[-3:]) < 0.9 * np.mean(mask_losses[:3]), mask_losses
 
@@ -123,6 +124,7 @@ def test_run_writes_checkpoint_weights_card_and_split(run) -> None:
     assert all(h["loss"] > 0 and h["mask_loss"] > 0 for h in card["history"])
     assert card["mask_head"]["image_size"] == SIZE
     assert card["wall_seconds"] > 0 and card["device"]
+    assert card["loss"]["category"] is None  # the category term is off unless asked for
 
 
 def test_split_is_product_disjoint_and_validation_uses_eval_products_only(run) -> None:
@@ -164,8 +166,10 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     # The model card beside the weights gives their index settings as defaults; the environment wins.
     from_card = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights)})
     assert (from_card.pooling, from_card.whitening, from_card.index_dims) == ("gem", True, 0)
-    overridden = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_POOLING": "avg"})
-    assert overridden.pooling == "avg"
+    assert from_card.image_size == index_image_size(SIZE) == 64
+    overridden = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_POOLING": "avg",
+                                          "VSEARCH_IMAGE_SIZE": "48"})
+    assert (overridden.pooling, overridden.image_size) == ("avg", 48)
     settings = EngineSettings(data_dir=tmp_path / "data", weights=str(result.weights), precision="fp32",
                               image_size=SIZE)
     report = build_index(catalog, settings)
@@ -220,6 +224,47 @@ def test_proxy_loss_trains_resumes_and_refuses_another_loss(catalog: Path, tmp_p
     assert again.state.epochs_done == 2
     with pytest.raises(VsearchError, match="--loss proxy"):
         train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "loss": "nt-xent"}))
+
+
+def test_category_term_is_off_without_two_categories_and_skips_products_without_one() -> None:
+    from engine.train import CategoryTerm
+
+    assert CategoryTerm.of_catalog(["boots", "boots", ""], 0.5, 8, 0) is None
+    assert CategoryTerm.of_catalog(["boots", "sandals"], 0.0, 8, 0) is None
+    term = CategoryTerm.of_catalog(["sandals", "", "boots", "sandals"], 0.5, 4, 0)
+    assert term is not None and term.names == ["boots", "sandals"]
+    assert term.of_product.tolist() == [1, -1, 0, 1]
+    term.proxies.data = torch.eye(2, 4)
+    z = torch.eye(2, 4)[[1, 0, 0, 1]]  # product 1 (no category) points anywhere: it does not count
+    right = term.loss(z, torch.tensor([0, 1, 2, 3]))
+    term.proxies.data = torch.eye(2, 4)[[1, 0]]
+    wrong = term.loss(z, torch.tensor([0, 1, 2, 3]))
+    assert right < 0.01 < wrong
+    assert term.loss(z[:1], torch.tensor([1])) == 0  # a batch with no category at all adds nothing
+
+
+def test_category_term_trains_is_reported_and_resume_keeps_it(catalog: Path, tmp_path: Path) -> None:
+    from engine.errors import VsearchError
+
+    config = TrainConfig(catalog=catalog, out=tmp_path / "cat", weights="random", epochs=1, image_size=SIZE,
+                         batch_size=4, eval_fraction=0.25, workers=0, val_limit=None, progress=False,
+                         category_weight=0.5)
+    first = train(config)
+    card = json.loads(first.card.read_text())
+    # The demo catalog's styles are its categories.
+    assert card["loss"]["category"]["field"] == "category" and len(card["loss"]["category"]["classes"]) >= 2
+    assert first.state.categories == card["loss"]["category"]["classes"]
+    assert card["history"][0]["category_loss"] > 0
+    again = train(TrainConfig(**{**config.__dict__, "epochs": 2, "resume": True}))
+    assert again.state.epochs_done == 2 and again.state.history[1]["category_loss"] > 0
+    with pytest.raises(VsearchError, match="category term"):
+        train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "category_weight": 0.0}))
+
+
+def test_index_image_size_follows_the_training_size_up_to_the_engines_default() -> None:
+    assert index_image_size(112) == 160  # the README's run; measured alike from 128 to 224 px
+    assert index_image_size(224) == index_image_size(448) == 224
+    assert index_image_size(16) == 32
 
 
 def test_proxy_softmax_prefers_the_own_proxy() -> None:

@@ -75,3 +75,26 @@ def test_conv_stack_matches_torchvision_layer_for_layer(batch_norm):
     theirs = (models.vgg16_bn if batch_norm else models.vgg16)(weights=None).features
     assert [type(m) for m in ours] == [type(m) for m in theirs]
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_bf16_extractor_stores_model_and_mask_head_in_bf16(tmp_path):
+    """bf16 weights are converted once (autocast would re-cast them on every call); masks and vectors stay
+    those of the fp32 extractor."""
+    import numpy as np
+
+    from engine.localize import MASK_PREFIX, MaskHead
+    from engine.weights import random_features
+
+    torch.manual_seed(0)
+    state = dict(random_features("vgg16_bn").state_dict())
+    state.update({MASK_PREFIX + k: v for k, v in MaskHead(image_size=64).state_dict().items()})
+    torch.save(state, tmp_path / "trained.pth")
+    fp32 = FeatureExtractor(str(tmp_path / "trained.pth"), "fp32", image_size=64, localize="on")
+    bf16 = FeatureExtractor(str(tmp_path / "trained.pth"), "bf16", image_size=64, localize="on")
+    assert fp32.weights_dtype == torch.float32 and bf16.weights_dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in bf16.mask_head.parameters())
+    img = check_image(200)
+    p32, p16 = fp32.mask_probabilities([img]), bf16.mask_probabilities([img])
+    assert p16.dtype == np.float32 and p16.shape == p32.shape and np.abs(p32 - p16).max() < 0.05
+    a, b = fp32.embed([img], "gem")[0], bf16.embed([img], "gem")[0]
+    assert b.dtype == np.float32 and float(a @ b) > 0.999

@@ -134,11 +134,14 @@ def test_conv_gflop_counts_multiply_adds_twice():
 
 
 def test_searcher_request_mirrors_the_searcher():
-    from engine.search import MIN_SEARCH_K, SEARCH_K_PER_ITEM
+    from engine.search import MIN_SEARCH_K, MIN_SEARCH_K_WHITENED, SEARCH_K_PER_ITEM, annoy_search_k
 
     n, search_k = bench.searcher_request(5)
     assert n == 20
-    assert search_k == max(MIN_SEARCH_K, SEARCH_K_PER_ITEM * 20)
+    assert search_k == max(MIN_SEARCH_K, SEARCH_K_PER_ITEM * 20) == annoy_search_k(20, whitened=False)
+    # Whitened indexes (the engine's default) are searched wider: Annoy handles their flat spectrum badly.
+    assert bench.searcher_request(5, whitened=True) == (20, MIN_SEARCH_K_WHITENED) and search_k < MIN_SEARCH_K_WHITENED
+    assert annoy_search_k(1000, whitened=True) == SEARCH_K_PER_ITEM * 1000
 
 
 def test_percentile_and_timed_calls():

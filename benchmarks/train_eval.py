@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
-        [--json out.json]
+        [--white-dims 0,256] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling, every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
 (re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:
@@ -82,6 +82,7 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     extractor = FeatureExtractor(spec, "auto", image_size=args.size, threads=args.threads or None, localize=localize)
     on = extractor.localizes
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
+              "white_dims": args.white_dims,
               "localize": on, "query_expansion": True, "seed": args.seed}
     start = time.perf_counter()
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)
@@ -123,9 +124,12 @@ def main() -> int:
                         help="for weights with a mask head: measure with localisation on, off or both")
     parser.add_argument("--products", choices=("test", "val"), default="test",
                         help="val: the validation products and other category products, for choosing settings")
+    parser.add_argument("--white-dims", default="0",
+                        help="comma list of whitening dims to measure (0: all 512; e.g. 0,256,128 adds gem+white256...)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     args.categories_seed = 0
+    args.white_dims = tuple(int(d) or None for d in args.white_dims.split(","))
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     catalog = read_train_catalog(Path(split["catalog"]), None)
     if catalog.sha256 != split["catalog_sha256"]:

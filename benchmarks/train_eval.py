@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
-        [--white-dims 0,256] [--json out.json]
+        [--localize both|on|off] [--white-dims 0,256] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling, every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
 (re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:

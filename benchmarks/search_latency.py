@@ -29,6 +29,15 @@ from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 from indexer.build import build_index  # noqa: E402
 
 
+def latency_photo(catalog_csv: Path, seed: int = 0) -> bytes:
+    """The timed query: the catalog's first image as a cluttered 1280x960 phone-like JPEG (eval presets)."""
+    first = read_train_catalog(catalog_csv, None).images[0].source
+    photo = photo_like(load_image_file(first).resize((1280, 960)), EVAL_PARAMS.rng(seed, "latency"))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", required=True)
@@ -40,11 +49,7 @@ def main() -> int:
     catalog = read_train_catalog(Path(split["catalog"]), None)
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = write_val_catalog(catalog, (split.get("test") or split["eval"])[:150], Path(tmp) / "catalog.csv")
-        first = read_train_catalog(csv_path, None).images[0].source
-        photo = photo_like(load_image_file(first).resize((1280, 960)), EVAL_PARAMS.rng(0, "latency"))
-        buf = io.BytesIO()
-        photo.save(buf, "JPEG", quality=85)
-        data = buf.getvalue()
+        data = latency_photo(csv_path)
         trained = {"weights": args.weights, "pooling": "gem", "whitening": True, "index_dims": 0,
                    "image_size": args.size}
         configs = {

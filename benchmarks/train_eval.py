@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import sys
@@ -32,11 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from search_latency import latency_photo  # noqa: E402 (same folder: the same timed query)
 
-from engine.augment import EVAL_PARAMS, photo_like  # noqa: E402
 from engine.evaluate import SEED_BASELINE, run_eval, sample_products  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
-from engine.images import load_image_file  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
@@ -54,11 +52,7 @@ def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed:
                                   localize=localize, image_size=size)
         build_index(catalog_csv, settings)
         searcher = Searcher(settings)
-        first = read_train_catalog(catalog_csv, None).images[0].source
-        photo = photo_like(load_image_file(first).resize((1280, 960)), EVAL_PARAMS.rng(seed, "latency"))
-        buf = io.BytesIO()
-        photo.save(buf, "JPEG", quality=85)
-        data = buf.getvalue()
+        data = latency_photo(catalog_csv, seed)
         times = []
         for _ in range(runs + 2):
             start = time.perf_counter()

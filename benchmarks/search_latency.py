@@ -1,9 +1,9 @@
 """Whole-search latency of trained weights against the untrained engine, interleaved in one run.
 
 Run: .venv/bin/python benchmarks/search_latency.py --split RUN/split.json --weights RUN/weights.pth [--runs 30]
-        [--size 224]
+        [--size 224] [--feature-block 4]
 Builds three indexes of the split's first 150 test products (random weights with the engine's defaults,
-224 px; the trained weights at --size px with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
+224 px; the trained weights at --size px, GeM of conv block --feature-block, with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
 JPEG against each in turn, so that load bursts hit all three alike. Prints p50, p95 and p50 / untrained.
 """
 
@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--size", type=int, default=224, help="image size of the trained engine (px)")
+    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=5,
+                        help="conv block the trained engine pools (VSEARCH_FEATURE_BLOCK)")
     args = parser.parse_args()
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     catalog = read_train_catalog(Path(split["catalog"]), None)
@@ -51,11 +53,11 @@ def main() -> int:
         csv_path = write_val_catalog(catalog, (split.get("test") or split["eval"])[:150], Path(tmp) / "catalog.csv")
         data = latency_photo(csv_path)
         trained = {"weights": args.weights, "pooling": "gem", "whitening": True, "index_dims": 0,
-                   "image_size": args.size}
+                   "image_size": args.size, "feature_block": args.feature_block}
         configs = {
             "untrained (random, engine defaults)": {"weights": "random", "image_size": 224},
-            f"trained, {args.size} px, localisation off": {**trained, "localize": "off"},
-            f"trained, {args.size} px, localisation on": {**trained, "localize": "on"},
+            f"trained, {args.size} px, block {args.feature_block}, localisation off": {**trained, "localize": "off"},
+            f"trained, {args.size} px, block {args.feature_block}, localisation on": {**trained, "localize": "on"},
         }
         searchers = {}
         for i, (name, options) in enumerate(configs.items()):

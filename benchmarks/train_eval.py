@@ -2,8 +2,9 @@
 
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
-        [--localize both|on|off] [--white-dims 0,256] [--json out.json]
-For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling, every configuration of
+        [--localize both|on|off] [--white-dims 0,256] [--feature-block 4] [--json out.json]
+For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling of conv block --feature-block
+(default 5, the engine's; for trained weights as their model card gives), every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
 (re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:
 - on the split's test products (held out and never used to pick an epoch): clean, photo-like and
@@ -13,6 +14,8 @@ whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alp
 - `--products val` measures the split's validation products instead, and category precision on 500 other
   products of --categories (outside the report's seeded sample): for choosing settings without looking
   at the products that are reported;
+- `--weights thumbnail` is a control without any model: each image as an 8x8 grey thumbnail (its darkness,
+  padded on white as the model's input), i.e. little more than the product's silhouette;
 - whole-search latency: `Searcher.search` p50 of a 1280x960 cluttered phone-like JPEG against an index of
   the test products (decode, mask pass and clean-up where on, embedding, Annoy), batch 1.
 """
@@ -31,25 +34,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from search_latency import latency_photo  # noqa: E402 (same folder: the same timed query)
 
 from engine.evaluate import SEED_BASELINE, run_eval, sample_products  # noqa: E402
-from engine.features import FeatureExtractor  # noqa: E402
-from engine.settings import EngineSettings  # noqa: E402
+from engine.features import IMAGENET_MEAN as MEAN  # noqa: E402
+from engine.features import IMAGENET_STD as STD  # noqa: E402
+from engine.features import FeatureExtractor, preprocess  # noqa: E402
+from engine.settings import EngineSettings, card_index_settings  # noqa: E402
 from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 QUERY_METRICS = ("clean_r1", "clean_r5", "plain_r1", "plain_r5", "photo_r1", "photo_r5")
 
 
-def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed: int, size: int) -> float:
+def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed: int, size: int, block: int) -> float:
     """p50 ms of `Searcher.search` (whole search) for one cluttered 1280x960 JPEG, after two warm-ups."""
     from engine.search import Searcher
     from indexer.build import build_index
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = EngineSettings(data_dir=Path(tmp), weights=spec, pooling="gem", whitening=False,
-                                  localize=localize, image_size=size)
+                                  localize=localize, image_size=size, feature_block=block)
         build_index(catalog_csv, settings)
         searcher = Searcher(settings)
         data = latency_photo(catalog_csv, seed)
@@ -72,9 +78,32 @@ def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
     return out
 
 
+class ThumbnailExtractor:
+    """The control `--weights thumbnail`: an 8x8 grey thumbnail per image as a (64, 1, 1) map, no model.
+
+    Darkness (1 - grey) so that the white padding and background are 0 and GeM of a 1x1 map keeps the values."""
+
+    weights_id, precision, image_size, side = "thumbnail 8x8 grey", "none", 8, 8
+
+    def conv_maps(self, images) -> torch.Tensor:
+        normalised = np.stack([preprocess(im, self.side) for im in images])  # (N, 3, 8, 8), ImageNet-normalised
+        grey = (normalised * STD[None, :, None, None] + MEAN[None, :, None, None]).mean(axis=1)  # 0..1, white = 1
+        return torch.from_numpy((1.0 - grey).reshape(len(images), -1, 1, 1)).clamp(min=0).float()
+
+    def localize(self, images):
+        return list(images)
+
+
+def feature_block(spec: str, requested: int | None) -> int:
+    """--feature-block, else what the weights' model card gives, else the engine's 5."""
+    return requested or int(card_index_settings(spec).get("VSEARCH_FEATURE_BLOCK", 5))
+
+
 def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace) -> list[dict[str, object]]:
-    extractor = FeatureExtractor(spec, "auto", image_size=args.size, threads=args.threads or None, localize=localize)
-    on = extractor.localizes
+    block = feature_block(spec, args.feature_block)
+    extractor = ThumbnailExtractor() if spec == "thumbnail" else FeatureExtractor(
+        spec, "auto", image_size=args.size, threads=args.threads or None, localize=localize, feature_block=block)
+    on = getattr(extractor, "localizes", False)
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
               "white_dims": args.white_dims,
               "localize": on, "query_expansion": True, "seed": args.seed}
@@ -85,10 +114,13 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     multi = run_eval(DATASETS / "shoes_multiview/catalog.csv", column_map={"id": "product_id"}, queries=(),
                      include_seed_baseline=False, **common)
     seconds = round(time.perf_counter() - start, 1)
-    latency = search_latency(spec, localize, test_csv, args.latency, args.seed, args.size) if args.latency else None
+    latency = (search_latency(spec, localize, test_csv, args.latency, args.seed, args.size, block)
+               if args.latency and spec != "thumbnail" else None)
     rows = []
     for method in test.methods:
-        row: dict[str, object] = {"weights": spec, "weights_id": extractor.weights_id, "localized": on,
+        row: dict[str, object] = {"weights": spec, "weights_id": extractor.weights_id,
+                                  "feature_block": None if spec == "thumbnail" else block,
+                                  "localized": on,
                                   "method": method.method, "test_products": test.products}
         row.update({k: method.metrics.get(k) for k in QUERY_METRICS})
         if method.method != SEED_BASELINE:
@@ -104,7 +136,7 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", required=True, help="split.json written by vsearch train")
-    parser.add_argument("--weights", nargs="+", required=True, help="weights specs: random, imagenet or .pth paths")
+    parser.add_argument("--weights", nargs="+", required=True, help="weights specs: random, imagenet or .pth paths; thumbnail: the no-model control")
     parser.add_argument("--categories", type=Path, default=DATASETS / "shoes_categories/catalog.csv",
                         help="catalog for category precision@5 (products not in the training catalog)")
     parser.add_argument("--categories-limit", type=int, default=1000)
@@ -120,6 +152,8 @@ def main() -> int:
                         help="val: the validation products and other category products, for choosing settings")
     parser.add_argument("--white-dims", default="0",
                         help="comma list of whitening dims to measure (0: all 512; e.g. 0,256,128 adds gem+white256...)")
+    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=None,
+                        help="conv block to pool (default: the weights' model card, else 5)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     args.categories_seed = 0
@@ -138,19 +172,20 @@ def main() -> int:
         args.categories_limit, args.categories_seed = 500, 1
     test_csv = write_val_catalog(catalog, test_ids, Path(args.split).with_name(f"{args.products}_catalog.csv"))
     cols = [*QUERY_METRICS, "category_p5", "same_r1", "same_r5", "search_p50_ms"]
-    print("| weights | localised | method | " + " | ".join(cols) + " |")
-    print("|---|---|---|" + "---|" * len(cols), flush=True)
+    print("| weights | block | localised | method | " + " | ".join(cols) + " |")
+    print("|---|---|---|---|" + "---|" * len(cols), flush=True)
     rows: list[dict[str, object]] = []
     for spec in args.weights:
         modes = ["off"]
-        if FeatureExtractor(spec, "fp32", image_size=64).localizes:
+        if spec != "thumbnail" and FeatureExtractor(spec, "fp32", image_size=64).localizes:
             modes.append("on")
         modes = [m for m in modes if args.localize in ("both", m)] or modes
         for localize in modes:
             for row in evaluate(spec, localize, test_csv, args):
                 rows.append(row)
                 cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
-                print(f"| {row['weights_id']} | {row['localized']} | {row['method']} | " + " | ".join(cells) + " |",
+                print(f"| {row['weights_id']} | {row['feature_block']} | {row['localized']} | {row['method']} | "
+                      + " | ".join(cells) + " |",
                       flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")

@@ -14,7 +14,15 @@ import torch
 from PIL import Image
 
 from engine.errors import WeightsError
-from engine.localize import CleanupParams, MaskHead, catalog_crop, clean_images, fitted_size, predict_masks
+from engine.localize import (
+    CleanupParams,
+    MaskHead,
+    catalog_crop,
+    clean_images,
+    fitted_size,
+    predict_masks,
+    up_to_block,
+)
 from engine.pooling import pool
 from engine.settings import EngineSettings
 from engine.weights import load_weights
@@ -131,6 +139,7 @@ class FeatureExtractor:
         image_size: int = DEFAULT_IMAGE_SIZE,
         threads: int | None = None,
         localize: str = "auto",
+        feature_block: int = 5,
     ) -> None:
         torch.set_num_threads(threads or default_threads())
         loaded = load_weights(weights)
@@ -149,6 +158,9 @@ class FeatureExtractor:
         self.model = fold_batch_norm(loaded.features[:-1].eval()).eval().to(memory_format=torch.channels_last)
         for param in self.model.parameters():
             param.requires_grad_(False)
+        # What the index pools: the stack through `feature_block`, sharing its modules (the mask pass runs all).
+        self.feature_block = feature_block
+        self.embedder = up_to_block(self.model, feature_block)
         self.weights_id = loaded.weights_id
         self.arch = loaded.arch
         self.image_size = image_size
@@ -169,7 +181,7 @@ class FeatureExtractor:
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> FeatureExtractor:
         return cls(settings.weights, settings.precision, image_size=settings.image_size, threads=settings.threads,
-                   localize=settings.localize)
+                   localize=settings.localize, feature_block=settings.feature_block)
 
     @property
     def localizes(self) -> bool:
@@ -218,7 +230,7 @@ class FeatureExtractor:
     def _forward(self, batch: torch.Tensor, precision: str, background: bool = False) -> torch.Tensor:
         batch, autocast = self._inputs(batch, precision)
         with self._lock.hold(background), torch.inference_mode(), autocast:
-            out = self.model(batch)
+            out = self.embedder(batch)
         return out.float()
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
@@ -245,7 +257,7 @@ class FeatureExtractor:
         return self.embed(self.localize(images), pooling)
 
     def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
-        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of the last conv block.
+        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of conv block 5 (S/8 for block 4).
 
         `background=True` (index builds) lets waiting searches run first.
         """

@@ -52,6 +52,7 @@ class Manifest:
     n_trees: int
     build_seconds: float
     framing: str = "whole"  # "product": catalog images cropped to their product (queries are localised)
+    feature_block: int = 5  # the conv block whose output was pooled (VSEARCH_FEATURE_BLOCK)
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -70,10 +70,23 @@ def block_outputs(features: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor
     return outputs
 
 
-def mask_logits(features: nn.Sequential, head: MaskHead, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last block's conv maps, mask logits) from one pass: training uses both, the query pass the logits."""
+def up_to_block(features: nn.Sequential, block: int) -> nn.Sequential:
+    """The conv stack through conv block `block` (1-5), without that block's max-pool: its output is the map
+    the index pools (block 5 by default; `VSEARCH_FEATURE_BLOCK`). Shares the modules of `features`."""
+    pools = [i for i, module in enumerate(features) if isinstance(module, nn.MaxPool2d)]
+    if block == len(pools) + 1 and not isinstance(features[-1], nn.MaxPool2d):
+        return features
+    if not 1 <= block <= len(pools):
+        raise ValueError(f"a VGG16 conv stack has blocks 1-5, not {block}")
+    return features[: pools[block - 1]]
+
+
+def mask_logits(
+    features: nn.Sequential, head: MaskHead, x: torch.Tensor, block: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv block `block`'s maps, mask logits) from one pass: training uses both, the query pass the logits."""
     blocks = block_outputs(features, x)
-    return blocks[-1], head(*blocks[2:5])
+    return blocks[block - 1], head(*blocks[2:5])
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

@@ -36,15 +36,16 @@ def annoy_search_k(n: int, whitened: bool) -> int:
 
 
 def check_compatible(index: LoadedIndex, extractor: FeatureExtractor, pooling: str) -> None:
-    """Vectors of other weights, pooling or input size are not comparable: say so instead of answering."""
+    """Vectors of other weights, pooling, input size or conv block are not comparable: say so instead of answering."""
     m = index.manifest
-    wanted = (extractor.weights_id, pooling, extractor.image_size, extractor.framing)
-    built = (m.weights, m.pooling, m.image_size, m.framing)
+    wanted = (extractor.weights_id, pooling, extractor.image_size, extractor.framing, extractor.feature_block)
+    built = (m.weights, m.pooling, m.image_size, m.framing, m.feature_block)
     if wanted != built:
         raise ReindexRequired(
             f"The index {m.version} was built with weights {m.weights}, pooling {m.pooling}, "
-            f"size {m.image_size}, framing {m.framing}; this engine runs weights {wanted[0]}, pooling {wanted[1]}, "
-            f"size {wanted[2]}, framing {wanted[3]} (VSEARCH_LOCALIZE).",
+            f"size {m.image_size}, framing {m.framing}, conv block {m.feature_block}; this engine runs weights "
+            f"{wanted[0]}, pooling {wanted[1]}, size {wanted[2]}, framing {wanted[3]} (VSEARCH_LOCALIZE), "
+            f"conv block {wanted[4]} (VSEARCH_FEATURE_BLOCK).",
             "Rebuild it with `vsearch index CATALOG` (or /reindex in the chat).",
         )
 

@@ -35,6 +35,7 @@ class EngineSettings:
     image_size: int = 224
     threads: int = 0  # 0 = auto: all cores but one (see FeatureExtractor)
     localize: str = "auto"
+    feature_block: int = 5  # the conv block whose output is pooled (4 for weights trained by `vsearch train`)
 
     @property
     def index_dir(self) -> Path:
@@ -79,10 +80,13 @@ class EngineSettings:
             image_size=parse_int({**card, **env}, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
             localize=localize,
+            feature_block=parse_int({**card, **env}, "VSEARCH_FEATURE_BLOCK", 5, low=4, high=5),
         )
 
 
-CARD_SETTINGS = ("VSEARCH_POOLING", "VSEARCH_WHITENING", "VSEARCH_INDEX_DIMS", "VSEARCH_IMAGE_SIZE")
+CARD_SETTINGS = (
+    "VSEARCH_POOLING", "VSEARCH_WHITENING", "VSEARCH_INDEX_DIMS", "VSEARCH_IMAGE_SIZE", "VSEARCH_FEATURE_BLOCK"
+)
 
 
 def card_index_settings(weights: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ from engine.localize import (
     mask_logits,
     mask_target,
     predict_masks,
+    up_to_block,
 )
 from engine.pooling import gem_pool
 from engine.weights import file_sha256, load_weights, random_features, vgg16_features
@@ -62,7 +63,8 @@ GREY_SHARE = 0.2  # positives in greyscale (SimCLR's recipe): shape must count, 
 MASK_LOSS_WEIGHT = 1.0  # the mask head's BCE beside the contrastive loss
 # How to index with the trained weights: the pooling that was trained, with whitening over all 512 dims,
 # which `benchmarks/train_eval.py` measured best with localised queries on the held-out products of the
-# README's run. `EngineSettings.from_env` takes these as defaults from the model card.
+# README's run; the conv block (`--feature-block`, 4 by default) and the size join them in the model card.
+# `EngineSettings.from_env` takes these as defaults from the model card.
 INDEX_SETTINGS = {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": True, "VSEARCH_INDEX_DIMS": 0}
 WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
 EXIT_INTERRUPTED = 130
@@ -100,6 +102,8 @@ class TrainConfig:
     category_weight: float = 0.0  # weight of the category term (0: off); on only with 2+ categories
     val_limit: int | None = 200  # eval products used by the per-epoch validation (None: all)
     val_image_size: int | None = None  # None: the index size the model card recommends (index_image_size)
+    feature_block: int = 4  # the conv block the index pools (model card: VSEARCH_FEATURE_BLOCK)
+    loss_block: int = 5  # the conv block whose GeM the loss trains
     cache_mb: int = 1024
     progress: bool = True
 
@@ -117,6 +121,8 @@ class TrainConfig:
             (self.cache_mb >= 0, f"--cache-mb must be 0 or more, got {self.cache_mb}"),
             (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
             (self.category_weight >= 0, f"--category-weight must be 0 or more, got {self.category_weight}"),
+            (self.feature_block in (4, 5), f"--feature-block must be 4 or 5, got {self.feature_block}"),
+            (self.loss_block in (4, 5), f"--loss-block must be 4 or 5, got {self.loss_block}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,23 +133,21 @@ class TrainConfig:
 
 
 class Embedder(nn.Module):
-    """The index's vector (VGG16 conv stack without its last max-pool, GeM p=3, L2-normalised) and the
-    mask head's logits, from one pass."""
+    """The trained vector (GeM p=3 of conv block `loss_block`'s output, L2-normalised) and the mask head's
+    logits, from one pass."""
 
-    def __init__(self, features: nn.Sequential, mask_head: MaskHead) -> None:
+    def __init__(self, features: nn.Sequential, mask_head: MaskHead, loss_block: int = 5) -> None:
         super().__init__()
         self.features = features  # kept whole so its state dict is torchvision's `features` layout
         self.mask_head = mask_head
+        self.loss_block = loss_block
 
     @property
     def embedding_dims(self) -> int:
         return next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
 
-    def conv_maps(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features[:-1](x)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, logits = mask_logits(self.features, self.mask_head, x)
+        maps, logits = mask_logits(self.features, self.mask_head, x, self.loss_block)
         return F.normalize(gem_pool(maps.float()), dim=1), logits
 
 
@@ -418,8 +422,10 @@ def write_val_catalog(catalog: Catalog, eval_ids: Sequence[str], path: Path) -> 
 class ModelExtractor:
     """The training model seen through the eval code's ConvExtractor protocol."""
 
-    def __init__(self, model: Embedder, image_size: int, device: torch.device, precision: str) -> None:
+    def __init__(self, model: Embedder, image_size: int, device: torch.device, precision: str,
+                 feature_block: int) -> None:
         self.model = model
+        self.embedder = up_to_block(model.features, feature_block)
         self.image_size = image_size
         self.device = device
         self.precision = precision
@@ -431,7 +437,7 @@ class ModelExtractor:
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            return self.model.conv_maps(self._batch(images, self.image_size)).float().cpu()
+            return self.embedder(self._batch(images, self.image_size)).float().cpu()
 
     def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         """As `FeatureExtractor.localize`: the mask pass at the training size, then the clean-up."""
@@ -442,18 +448,18 @@ class ModelExtractor:
 
 
 def validate(
-    model: Embedder, val_catalog: Path, image_size: int, seed: int, device: torch.device, precision: str,
-    localize: bool = True,
+    model: Embedder, val_catalog: Path, image_size: int, feature_block: int, seed: int, device: torch.device,
+    precision: str, localize: bool = True,
 ) -> dict[str, float | None]:
-    """The index settings the model card recommends (GeM with whitening fitted on the validation catalog, at
-    `image_size`) on the validation products: clean and cluttered photo-like recall (eval presets), queries
+    """The index settings the model card recommends (GeM of conv block `feature_block` with whitening fitted on
+    the validation catalog, at `image_size`) on the validation products: clean and cluttered photo-like recall (eval presets), queries
     localised by the mask head as `Searcher.search` does (not before training: the head is untrained)."""
     was_training = model.training
     model.eval()
     try:
         report = run_eval(
             val_catalog,
-            extractor=ModelExtractor(model, image_size, device, precision),
+            extractor=ModelExtractor(model, image_size, device, precision, feature_block),
             seed=seed,
             poolings=("gem",),
             whitening=(False, True),
@@ -575,14 +581,15 @@ def train(config: TrainConfig) -> TrainResult:
                 f"the catalog changed since the checkpoint in {out} was written",
                 "Resume with the same catalog file, or start a new run with another --out.",
             )
-        model = Embedder(vgg16_features(batch_norm=state.arch == "vgg16_bn"), MaskHead(image_size=config.image_size))
+        model = Embedder(vgg16_features(batch_norm=state.arch == "vgg16_bn"), MaskHead(image_size=config.image_size),
+                         config.loss_block)
         model.load_state_dict(checkpoint["model"])
     else:
         features, arch, start_id = build_features(config.weights, config.arch, config.seed)
         state = TrainState(start_weights=start_id, arch=arch, catalog_sha256=catalog.sha256, loss=config.loss)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = Embedder(features, MaskHead(image_size=config.image_size))
+            model = Embedder(features, MaskHead(image_size=config.image_size), config.loss_block)
     model = model.to(device).to(memory_format=torch.channels_last)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -660,14 +667,16 @@ def train(config: TrainConfig) -> TrainResult:
             "loss": {"name": "nt-xent (SimCLR, two views per product)" if config.loss == "nt-xent" else
                      "proxy (normalised softmax over one learned proxy per training product, proxies at 10x lr)",
                      "temperature": config.temperature if config.loss == "nt-xent" else PROXY_TEMPERATURE,
-                     "pooling": "gem p=3", "final_epoch_loss": state.history[-1]["loss"] if state.history else None,
+                     "pooling": f"gem p=3 of conv block {config.loss_block}",
+                     "final_epoch_loss": state.history[-1]["loss"] if state.history else None,
                      "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
                      "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None,
                      "category": ({"field": config.category_field, "classes": category.names,
                                    "weight": category.weight, "temperature": CATEGORY_TEMPERATURE,
                                    "final_epoch_loss": state.history[-1].get("category_loss") if state.history
                                    else None} if category else None)},
-            "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size)},
+            "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size),
+                               "VSEARCH_FEATURE_BLOCK": config.feature_block},
             "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
                           "used": "queries only (Searcher.search), VSEARCH_LOCALIZE=auto"},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,
@@ -700,7 +709,8 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is None:
             log.info("validating the starting weights (%s) on %d eval products", state.start_weights, len(val_ids))
             val_start = time.perf_counter()
-            state.before = validate(model, val_catalog, val_size, config.seed, device, precision, localize=False)
+            state.before = validate(model, val_catalog, val_size, config.feature_block, config.seed, device, precision,
+                                    localize=False)
             last_val_seconds = time.perf_counter() - val_start
             state.best = dict(state.before)
             log.info("before training: %s", _fmt_metrics(state.before))
@@ -746,7 +756,7 @@ def train(config: TrainConfig) -> TrainResult:
             bar.close()
             train_seconds = time.perf_counter() - epoch_start
             val_start = time.perf_counter()
-            metrics = validate(model, val_catalog, val_size, config.seed, device, precision)
+            metrics = validate(model, val_catalog, val_size, config.feature_block, config.seed, device, precision)
             last_val_seconds = time.perf_counter() - val_start
             state.epochs_done = epoch
             state.history.append({
@@ -813,6 +823,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category-weight", type=float, default=0.0,
                         help="weight of the category term beside the product loss (default 0: off; the README's run 3 "
                         "used 0.5). On only when the training products have 2 or more categories (README: Training)")
+    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=4,
+                        help="conv block whose GeM the index uses (model card VSEARCH_FEATURE_BLOCK; default 4: "
+                        "better than 5 on the README run's validation products, README: Training)")
+    parser.add_argument("--loss-block", type=int, choices=(4, 5), default=5,
+                        help="conv block whose GeM the loss trains (default 5; README: Training)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -840,6 +855,8 @@ def run_train(args: argparse.Namespace) -> int:
         category_field=args.category_field,
         category_weight=args.category_weight,
         val_limit=args.val_limit,
+        feature_block=args.feature_block,
+        loss_block=args.loss_block,
     )
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:

@@ -161,6 +161,8 @@ def build_index(
         namespace = f"{extractor.weights_id}|{pooling}|{extractor.image_size}"
         if extractor.framing != "whole":
             namespace += f"|{extractor.framing}"  # unchanged for whole images: existing caches stay valid
+        if extractor.feature_block != 5:
+            namespace += f"|block{extractor.feature_block}"
         cache = FeatureCache(settings.cache_dir, namespace)
     try:
         vectors_by_ref, failures, extracted = embed_catalog_images(
@@ -212,6 +214,7 @@ def build_index(
             n_trees=annoy_trees(len(image_rows)),
             build_seconds=round(time.perf_counter() - start, 2),
             framing=extractor.framing,
+            feature_block=extractor.feature_block,
             extra={"precision": extractor.precision, "bad_rows": len(errors)},
         )
         write_version_files(tmp, manifest, matrix, image_rows, products, whitening)

@@ -132,6 +132,20 @@ def test_query_against_index_of_other_pooling_asks_for_reindex(demo_catalog, eng
         searcher.search(b"irrelevant", 3)
 
 
+def test_conv_block_is_recorded_and_an_index_of_another_block_asks_for_reindex(demo_catalog, engine_settings):
+    from engine.features import FeatureExtractor
+
+    block4 = replace(engine_settings, feature_block=4)
+    extractor4 = FeatureExtractor.from_settings(block4)
+    assert extractor4.feature_block == 4
+    build_index(demo_catalog, block4, extractor=extractor4)
+    assert IndexStore(engine_settings.index_dir).read_manifest().feature_block == 4
+    query = (demo_catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
+    assert Searcher(block4, extractor=extractor4).search(query, 3).matches[0].product.id == "demo-003"
+    with pytest.raises(ReindexRequired, match="VSEARCH_FEATURE_BLOCK"):
+        Searcher(engine_settings).search(query, 3)
+
+
 def test_products_json_keeps_metadata(demo_catalog, engine_settings, extractor):
     report = build_index(demo_catalog, engine_settings, extractor=extractor)
     products = json.loads((engine_settings.index_dir / report.version / "products.json").read_text())

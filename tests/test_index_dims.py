@@ -45,3 +45,11 @@ def test_build_keeps_all_dims_when_index_dims_is_zero(demo_catalog, engine_setti
     assert IndexStore(settings.index_dir).read_manifest().dims == 512
     result = Searcher(settings, extractor=extractor).similar("demo-001", 3)
     assert len(result.matches) == 3
+
+
+def test_feature_block_setting_defaults_to_5_and_validates():
+    assert EngineSettings.from_env({}).feature_block == 5
+    assert EngineSettings.from_env({"VSEARCH_FEATURE_BLOCK": "4"}).feature_block == 4
+    for bad in ("3", "6", "conv4"):
+        with pytest.raises(SettingsError, match="VSEARCH_FEATURE_BLOCK"):
+            EngineSettings.from_env({"VSEARCH_FEATURE_BLOCK": bad})

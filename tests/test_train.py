@@ -167,6 +167,7 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     from_card = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights)})
     assert (from_card.pooling, from_card.whitening, from_card.index_dims) == ("gem", True, 0)
     assert from_card.image_size == index_image_size(SIZE) == 64
+    assert from_card.feature_block == 4  # `--feature-block` default: the index pools conv block 4
     overridden = EngineSettings.from_env({"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_POOLING": "avg",
                                           "VSEARCH_IMAGE_SIZE": "48"})
     assert (overridden.pooling, overridden.image_size) == ("avg", 48)
@@ -275,3 +276,21 @@ def test_proxy_softmax_prefers_the_own_proxy() -> None:
     right = proxy_softmax(z, torch.tensor([0, 1, 2]), proxies, 0.05)
     wrong = proxy_softmax(z, torch.tensor([1, 2, 3]), proxies, 0.05)
     assert right < 0.01 < wrong
+
+
+@pytest.mark.parametrize("loss_block", [4, 5])
+def test_the_loss_trains_the_gem_of_its_conv_block(loss_block: int) -> None:
+    """`--loss-block 4`: the trained vector is conv block 4's GeM; block 5 learns only through the mask head."""
+    from engine.localize import up_to_block
+    from engine.weights import vgg16_features
+
+    torch.manual_seed(0)
+    model = Embedder(vgg16_features(batch_norm=True), MaskHead(image_size=64), loss_block=loss_block)
+    x = torch.rand(2, 3, 64, 64)
+    z, _ = model(x)
+    assert z.shape == (2, 512) and torch.allclose(z.norm(dim=1), torch.ones(2))
+    z.sum().backward()
+    block4 = up_to_block(model.features, 4)
+    block5_convs = [m for m in model.features[len(block4):] if isinstance(m, torch.nn.Conv2d)]
+    assert block4[-3].weight.grad is not None  # conv4_3 (before its batch norm and ReLU)
+    assert all((m.weight.grad is not None) == (loss_block == 5) for m in block5_convs)

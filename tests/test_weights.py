@@ -98,3 +98,30 @@ def test_bf16_extractor_stores_model_and_mask_head_in_bf16(tmp_path):
     assert p16.dtype == np.float32 and p16.shape == p32.shape and np.abs(p32 - p16).max() < 0.05
     a, b = fp32.embed([img], "gem")[0], bf16.embed([img], "gem")[0]
     assert b.dtype == np.float32 and float(a @ b) > 0.999
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_up_to_block_stops_before_that_blocks_max_pool(batch_norm):
+    from engine.localize import block_outputs, up_to_block
+    from engine.weights import vgg16_features
+
+    stack = vgg16_features(batch_norm=batch_norm).eval()
+    four = up_to_block(stack, 4)
+    assert isinstance(four[-1], torch.nn.ReLU) and isinstance(stack[len(four)], torch.nn.MaxPool2d)
+    assert up_to_block(stack[:-1], 5) is not None and len(up_to_block(stack[:-1], 5)) == len(stack) - 1
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(four(x), block_outputs(stack, x)[3])
+    with pytest.raises(ValueError, match="blocks 1-5"):
+        up_to_block(stack, 6)
+
+
+def test_feature_block_4_pools_the_finer_conv4_map():
+    """VSEARCH_FEATURE_BLOCK=4: the index pools conv block 4's output (S/8 side), still 512 channels."""
+    five = FeatureExtractor("random", "fp32", image_size=64)
+    four = FeatureExtractor("random", "fp32", image_size=64, feature_block=4)
+    img = check_image(200)
+    assert tuple(five.conv_maps([img]).shape) == (1, 512, 4, 4)
+    assert tuple(four.conv_maps([img]).shape) == (1, 512, 8, 8)
+    a, b = five.embed([img], "gem")[0], four.embed([img], "gem")[0]
+    assert a.shape == b.shape == (512,) and abs(float(b @ b) - 1) < 1e-5 and float(a @ b) < 0.999

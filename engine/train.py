@@ -452,8 +452,9 @@ def validate(
     precision: str, localize: bool = True,
 ) -> dict[str, float | None]:
     """The index settings the model card recommends (GeM of conv block `feature_block` with whitening fitted on
-    the validation catalog, at `image_size`) on the validation products: clean and cluttered photo-like recall (eval presets), queries
-    localised by the mask head as `Searcher.search` does (not before training: the head is untrained)."""
+    the validation catalog, at `image_size`) on the validation products: clean and cluttered photo-like recall
+    (eval presets), queries localised by the mask head as `Searcher.search` does (not before training: the
+    head is untrained)."""
     was_training = model.training
     model.eval()
     try:
@@ -511,6 +512,8 @@ class TrainState:
     arch: str
     catalog_sha256: str
     loss: str = "nt-xent"
+    loss_block: int = 5  # checkpoints written before these fields existed trained and validated block 5
+    feature_block: int = 5
     categories: list[str] = field(default_factory=list)  # the category term's classes (empty: off)
     epochs_done: int = 0
     steps_done: int = 0
@@ -571,11 +574,13 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if config.resume else None
     if checkpoint is not None:
         state = TrainState(**checkpoint["state"])
-        if state.loss != config.loss:
-            raise VsearchError(
-                f"the run in {out} trains with --loss {state.loss}, not {config.loss}",
-                f"Resume with --loss {state.loss}, or start a new run with another --out.",
-            )
+        for option, was, now in (("--loss", state.loss, config.loss), ("--loss-block", state.loss_block,
+                                  config.loss_block), ("--feature-block", state.feature_block, config.feature_block)):
+            if was != now:
+                raise VsearchError(
+                    f"the run in {out} trains with {option} {was}, not {now}",
+                    f"Resume with {option} {was}, or start a new run with another --out.",
+                )
         if state.catalog_sha256 != catalog.sha256:
             raise CatalogError(
                 f"the catalog changed since the checkpoint in {out} was written",
@@ -586,7 +591,8 @@ def train(config: TrainConfig) -> TrainResult:
         model.load_state_dict(checkpoint["model"])
     else:
         features, arch, start_id = build_features(config.weights, config.arch, config.seed)
-        state = TrainState(start_weights=start_id, arch=arch, catalog_sha256=catalog.sha256, loss=config.loss)
+        state = TrainState(start_weights=start_id, arch=arch, catalog_sha256=catalog.sha256, loss=config.loss,
+                           loss_block=config.loss_block, feature_block=config.feature_block)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = Embedder(features, MaskHead(image_size=config.image_size), config.loss_block)

@@ -212,7 +212,7 @@ def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path
         parser.parse_args([str(catalog), "--arch", "resnet"])
 
 
-def test_proxy_loss_trains_resumes_and_refuses_another_loss(catalog: Path, tmp_path: Path) -> None:
+def test_proxy_loss_trains_resumes_and_refuses_another_loss_or_block(catalog: Path, tmp_path: Path) -> None:
     from engine.errors import VsearchError
 
     config = TrainConfig(catalog=catalog, out=tmp_path / "proxy", weights="random", epochs=1, image_size=SIZE,
@@ -225,6 +225,9 @@ def test_proxy_loss_trains_resumes_and_refuses_another_loss(catalog: Path, tmp_p
     assert again.state.epochs_done == 2
     with pytest.raises(VsearchError, match="--loss proxy"):
         train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "loss": "nt-xent"}))
+    with pytest.raises(VsearchError, match="--loss-block 5"):
+        train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "loss_block": 4}))
+    assert card["loss"]["pooling"] == "gem p=3 of conv block 5" and card["index_settings"]["VSEARCH_FEATURE_BLOCK"] == 4
 
 
 def test_category_term_is_off_without_two_categories_and_skips_products_without_one() -> None:

@@ -1,7 +1,7 @@
 """Ways of using the mask head at query time, compared on held-out products (how CleanupParams was chosen).
 
 Run: .venv/bin/python benchmarks/localize_variants.py --split RUN/split.json --weights RUN/weights.pth \
-        [--products val|test] [--head-minutes 7] [--size 224]
+        [--products val|test] [--head-minutes 7] [--size 224] [--feature-block 5]
 Weights without a mask head (e.g. a run of an earlier version) get one trained here for --head-minutes on
 the frozen conv stack, with the training products of the split and `vsearch train`'s views and loss.
 Each variant is measured with the eval code (cluttered photo-like and clean queries, GeM, cosine):
@@ -96,8 +96,8 @@ def train_head(model: Embedder, split: dict, minutes: float) -> None:
 
 
 class VariantExtractor(ModelExtractor):
-    def __init__(self, model: Embedder, size: int, mode: str, params: CleanupParams) -> None:
-        super().__init__(model, size, torch.device("cpu"), "bf16")
+    def __init__(self, model: Embedder, size: int, mode: str, params: CleanupParams, feature_block: int) -> None:
+        super().__init__(model, size, torch.device("cpu"), "bf16", feature_block)
         self.mode, self.params = mode, params
 
     def localize(self, images):
@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--products", choices=("val", "test", "eval"), default="val")
     parser.add_argument("--head-minutes", type=float, default=7.0)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=5, help="conv block to pool")
     parser.add_argument("--whitening", action="store_true",
                         help="whiten (fitted on each variant's index vectors, as vsearch index does)")
     args = parser.parse_args()
@@ -145,7 +146,7 @@ def main() -> int:
           "clean R@1 | clean R@5 |")
     print("|---|---|---|---|---|")
     for name, mode, params, framed in VARIANTS:
-        extractor = VariantExtractor(model, args.size, mode, params)
+        extractor = VariantExtractor(model, args.size, mode, params, args.feature_block)
         frame = (lambda img, e, m=params.margin: catalog_crop(img, m)) if framed else (lambda img, e: img)
         _, base, _ = _extract(entries, extractor, frame, ("gem",), False, 16, "", False)
         index = base.pooled["gem"]

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
-        [--localize both|on|off] [--white-dims 0,256] [--feature-block 4] [--json out.json]
+        [--localize both|on|crop|mask|off] [--white-dims 0,256] [--feature-block 4] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling of conv block --feature-block
 (default 5, the engine's; for trained weights as their model card gives), every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
@@ -93,6 +93,9 @@ class ThumbnailExtractor:
     def localize(self, images):
         return list(images)
 
+    def frame_catalog_image(self, image):
+        return image
+
 
 def feature_block(spec: str, requested: int | None) -> int:
     """--feature-block, else what the weights' model card gives, else the engine's 5."""
@@ -120,7 +123,7 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     for method in test.methods:
         row: dict[str, object] = {"weights": spec, "weights_id": extractor.weights_id,
                                   "feature_block": None if spec == "thumbnail" else block,
-                                  "localized": on,
+                                  "localized": extractor.localization if on else False,
                                   "method": method.method, "test_products": test.products}
         row.update({k: method.metrics.get(k) for k in QUERY_METRICS})
         if method.method != SEED_BASELINE:
@@ -146,8 +149,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the quality passes (0: the engine's default; latency always uses it)")
     parser.add_argument("--size", type=int, default=224, help="image size of index and queries (px)")
-    parser.add_argument("--localize", choices=("both", "on", "off"), default="both",
-                        help="for weights with a mask head: measure with localisation on, off or both")
+    parser.add_argument("--localize", choices=("both", "on", "crop", "mask", "off"), default="both",
+                        help="for weights with a mask head: measure localisation (on = crop, or mask), off or both "
+                        "(off and crop)")
     parser.add_argument("--products", choices=("test", "val"), default="test",
                         help="val: the validation products and other category products, for choosing settings")
     parser.add_argument("--white-dims", default="0",
@@ -178,8 +182,7 @@ def main() -> int:
     for spec in args.weights:
         modes = ["off"]
         if spec != "thumbnail" and FeatureExtractor(spec, "fp32", image_size=64).localizes:
-            modes.append("on")
-        modes = [m for m in modes if args.localize in ("both", m)] or modes
+            modes = ["off", "crop"] if args.localize == "both" else [args.localize]
         for localize in modes:
             for row in evaluate(spec, localize, test_csv, args):
                 rows.append(row)

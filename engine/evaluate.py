@@ -19,7 +19,6 @@ from tqdm import tqdm
 from engine.augment import EVAL_PARAMS, AugmentParams, clean_crop, photo_like
 from engine.errors import CatalogError, ImageRejected
 from engine.images import load_image_file
-from engine.localize import catalog_crop
 from engine.metrics import exact_knn, map_at_k, precision_at_k, rank_products, recall_at_k
 from engine.pooling import POOLINGS, Whitening, pool, raw_flat
 from engine.ranking import alpha_query_expansion
@@ -69,6 +68,8 @@ class ConvExtractor(Protocol):
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
 
     def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]: ...
+
+    def frame_catalog_image(self, image: Image.Image) -> Image.Image: ...
 
 
 @dataclass
@@ -283,8 +284,8 @@ def run_eval(
     entries = [e for e in entries if e.product_id in selected]
 
     started = time.perf_counter()
-    # With localised queries the index frames each catalog image on its product, as `vsearch index` does.
-    frame = (lambda img, e: catalog_crop(img)) if localize else (lambda img, e: img)
+    # With localised queries the index frames each catalog image as `vsearch index` does (cropped to its product).
+    frame = (lambda img, e: extractor.frame_catalog_image(img)) if localize else (lambda img, e: img)
     loaded, vectors, load_skipped = _extract(
         entries, extractor, frame, poolings, include_seed_baseline, batch_size, "catalog", progress
     )

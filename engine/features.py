@@ -17,10 +17,12 @@ from engine.errors import WeightsError
 from engine.localize import (
     CleanupParams,
     MaskHead,
+    block_outputs,
     catalog_crop,
     clean_images,
     fitted_size,
     predict_masks,
+    product_cells,
     up_to_block,
 )
 from engine.pooling import pool
@@ -33,6 +35,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 DEFAULT_IMAGE_SIZE = 224
 BF16_MIN_COSINE = 0.999
+DEFAULT_LOCALIZATION = "crop"  # VSEARCH_LOCALIZE=auto for weights with a mask head (README: Training)
 
 
 @functools.cache
@@ -143,12 +146,16 @@ class FeatureExtractor:
     ) -> None:
         torch.set_num_threads(threads or default_threads())
         loaded = load_weights(weights)
-        if localize == "on" and loaded.mask_head is None:
+        if localize not in ("auto", "off") and loaded.mask_head is None:
             raise WeightsError(
-                f"VSEARCH_LOCALIZE=on, but the weights {loaded.weights_id} have no mask head.",
+                f"VSEARCH_LOCALIZE={localize}, but the weights {loaded.weights_id} have no mask head.",
                 "Use weights written by `vsearch train`, or set VSEARCH_LOCALIZE=auto (or off).",
             )
-        self.mask_head: MaskHead | None = None if localize == "off" else loaded.mask_head
+        # "crop", "mask" or None (see engine.settings.LOCALIZE_MODES).
+        self.localization: str | None = None
+        if localize != "off" and loaded.mask_head is not None:
+            self.localization = {"auto": DEFAULT_LOCALIZATION, "on": "crop"}.get(localize, localize)
+        self.mask_head: MaskHead | None = loaded.mask_head if self.localization else None
         if self.mask_head is not None:
             self.mask_head = self.mask_head.to(memory_format=torch.channels_last)
             for param in self.mask_head.parameters():
@@ -185,23 +192,25 @@ class FeatureExtractor:
 
     @property
     def localizes(self) -> bool:
-        """True when queries are cleaned by the mask head before they are embedded (and catalog images
-        are cropped to their product to match, see `frame_catalog_image`)."""
-        return self.mask_head is not None
+        """True when the mask head finds the product: "crop" cleans and crops queries before they are embedded
+        (and catalog images are cropped to their product to match, see `frame_catalog_image`); "mask" pools
+        every image, query or catalog, over its product's cells only."""
+        return self.localization is not None
 
     @property
     def framing(self) -> str:
-        """How catalog images are framed before embedding; recorded in the manifest: "product" or "whole"."""
-        return "product" if self.localizes else "whole"
+        """How catalog images are framed for embedding; recorded in the manifest: "product" (cropped to it),
+        "masked" (pooled over its cells) or "whole"."""
+        return {"crop": "product", "mask": "masked"}.get(self.localization or "", "whole")
 
     @property
     def query_draft_size(self) -> int:
-        """Side to decode query JPEGs at (never below it). A localised query is cropped to its product
-        before embedding, so it is decoded at twice the model's size to keep the crop sharp."""
-        return self.image_size * (2 if self.localizes else 1)
+        """Side to decode query JPEGs at (never below it). A cropped query is cut to its product before
+        embedding, so it is decoded at twice the model's size to keep the crop sharp."""
+        return self.image_size * (2 if self.localization == "crop" else 1)
 
     def frame_catalog_image(self, image: Image.Image) -> Image.Image:
-        return catalog_crop(image, self.cleanup.margin) if self.localizes else image
+        return catalog_crop(image, self.cleanup.margin) if self.localization else image
 
     def _resolve_precision(self, requested: str) -> str:
         if requested == "fp32":
@@ -230,6 +239,11 @@ class FeatureExtractor:
     def _forward(self, batch: torch.Tensor, precision: str, background: bool = False) -> torch.Tensor:
         batch, autocast = self._inputs(batch, precision)
         with self._lock.hold(background), torch.inference_mode(), autocast:
+            if self.localization == "mask" and self.mask_head is not None:
+                blocks = block_outputs(self.model, batch)
+                maps = blocks[self.feature_block - 1].float()
+                prob = torch.sigmoid(self.mask_head(*blocks[2:5]).float())
+                return maps * product_cells(prob, (maps.shape[-2], maps.shape[-1]), self.cleanup)
             out = self.embedder(batch)
         return out.float()
 
@@ -247,8 +261,9 @@ class FeatureExtractor:
             return predict_masks(self.model, self.mask_head, batch)
 
     def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        """Each photo's product on white, cropped to it (the photo itself where the mask is not trusted)."""
-        if self.mask_head is None or not images:
+        """With "crop": each photo's product on white, cropped to it (the photo itself where the mask is not
+        trusted). Otherwise the photos as they are ("mask" works inside the embedding pass)."""
+        if self.localization != "crop" or self.mask_head is None or not images:
             return list(images)
         return clean_images(list(images), self.mask_probabilities(images), self.cleanup)
 

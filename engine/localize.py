@@ -160,6 +160,18 @@ def clean_image(image: Image.Image, prob: np.ndarray, params: CleanupParams = Cl
     return Image.composite(crop, Image.new("RGB", crop.size, BACKGROUND), matte)
 
 
+def product_cells(prob: torch.Tensor, size: tuple[int, int], params: CleanupParams = CleanupParams()) -> torch.Tensor:
+    """(N, 1, h, w) weights of the cells of an h x w conv map: 1 where the product is, 0 elsewhere, from the
+    head's (N, 1, S/4, S/4) probabilities; all 1 for a photo whose mask is not trusted (see CleanupParams).
+
+    Multiplying a conv map by them before pooling keeps only the product's cells: masked pooling, the cheap
+    way of finding the product (`VSEARCH_LOCALIZE=mask`): no second pass, no crop."""
+    cells = (F.adaptive_avg_pool2d(prob.float(), size) >= params.threshold).float()
+    share = cells.mean(dim=(1, 2, 3), keepdim=True)
+    trusted = (share >= params.min_area) & (share <= params.max_area)
+    return torch.where(trusted, cells, torch.ones_like(cells))
+
+
 def predict_masks(features: nn.Sequential, head: MaskHead, batch: torch.Tensor) -> np.ndarray:
     """(N, S/4, S/4) product probabilities of a preprocessed batch; the caller sets inference mode and autocast."""
     return torch.sigmoid(head(*block_outputs(features, batch)[2:5]).float())[:, 0].cpu().numpy()

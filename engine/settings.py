@@ -12,7 +12,10 @@ from engine.errors import SettingsError
 from engine.pooling import POOLINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
-LOCALIZE_MODES = ("auto", "on", "off")  # auto: on when the weights carry a mask head (`vsearch train`)
+# How queries are localised with the mask head of `vsearch train` weights: "crop" (the product on white,
+# cropped to, then embedded), "mask" (pooling over the product's cells of the same pass), "off"; "on" is
+# "crop", "auto" the default method when the weights carry a mask head.
+LOCALIZE_MODES = ("auto", "on", "crop", "mask", "off")
 # Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
 DEFAULT_POOLING = "avg"
 DEFAULT_WHITENING = True

@@ -439,6 +439,9 @@ class ModelExtractor:
         with torch.inference_mode(), _autocast(self.device, self.precision):
             return self.embedder(self._batch(images, self.image_size)).float().cpu()
 
+    def frame_catalog_image(self, image: Image.Image) -> Image.Image:
+        return catalog_crop(image)  # validation localises by cropping, as VSEARCH_LOCALIZE=crop does
+
     def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         """As `FeatureExtractor.localize`: the mask pass at the training size, then the clean-up."""
         head = self.model.mask_head

@@ -42,6 +42,8 @@ EXPECTED_METRICS = (
     "model_fraction_of_limit",
     "localize_p50_ms",
     "localize_overhead",
+    "mask_pool_extra_ms",
+    "mask_pool_overhead",
 )
 
 

@@ -18,6 +18,7 @@ from engine.localize import (
     block_outputs,
     clean_image,
     mask_target,
+    product_cells,
     split_state,
     unpad,
 )
@@ -126,8 +127,9 @@ def test_localize_on_needs_a_mask_head() -> None:
     from engine.errors import WeightsError
     from engine.features import FeatureExtractor
 
-    with pytest.raises(WeightsError, match="mask head"):
-        FeatureExtractor("random", "fp32", image_size=64, localize="on")
+    for mode in ("on", "crop", "mask"):
+        with pytest.raises(WeightsError, match=f"VSEARCH_LOCALIZE={mode}.*mask head"):
+            FeatureExtractor("random", "fp32", image_size=64, localize=mode)
 
 
 def test_folding_batch_norm_keeps_the_outputs() -> None:
@@ -157,6 +159,7 @@ def test_localize_setting_is_validated() -> None:
 
     assert EngineSettings.from_env({}).localize == "auto"
     assert EngineSettings.from_env({"VSEARCH_LOCALIZE": "Off"}).localize == "off"
+    assert EngineSettings.from_env({"VSEARCH_LOCALIZE": "mask"}).localize == "mask"
     with pytest.raises(SettingsError, match="VSEARCH_LOCALIZE"):
         EngineSettings.from_env({"VSEARCH_LOCALIZE": "maybe"})
 
@@ -237,3 +240,47 @@ def test_a_briefly_trained_mask_head_finds_the_product_in_clutter() -> None:
         assert red_share(cleaned).sum() >= 0.9 * red_share(photo).sum()  # the product is in the crop
         kept_area.append(cleaned.width * cleaned.height / (photo.width * photo.height))
     assert np.mean(kept_area) < 0.75  # and much of the clutter is not
+
+
+def test_product_cells_keep_the_product_and_distrust_a_mask_of_almost_nothing_or_everything() -> None:
+    prob = torch.zeros(3, 1, 16, 16)
+    prob[0, 0, 4:12, 0:8] = 0.9  # a product: the cells it covers on a 4x4 map of the same image
+    prob[1, 0, 0, 0] = 0.9  # 0.4% of the photo: not trusted
+    prob[2] = 0.99  # everything: not trusted
+    cells = product_cells(prob, (4, 4))
+    assert cells.shape == (3, 1, 4, 4)
+    assert cells[0, 0].tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert bool((cells[1:] == 1).all())
+
+
+class LeftHalfHead(torch.nn.Module):
+    """A stand-in mask head: the left half of every image is the product."""
+
+    image_size = torch.tensor(64)
+
+    def forward(self, block3: torch.Tensor, block4: torch.Tensor, block5: torch.Tensor) -> torch.Tensor:
+        logits = torch.full_like(block3[:, :1], -10.0)
+        logits[..., : block3.shape[-1] // 2] = 10.0
+        return logits
+
+
+def test_mask_localization_pools_only_the_products_cells_in_the_same_pass(tmp_path) -> None:
+    """VSEARCH_LOCALIZE=mask: no crop and no second pass; the conv map's cells outside the product are zeroed
+    before pooling, for catalog images (framed on their product, as with crop) and queries alike."""
+    from engine.features import FeatureExtractor
+
+    state = dict(random_features("vgg16_bn").state_dict())
+    state.update({MASK_PREFIX + k: v for k, v in MaskHead(image_size=64).state_dict().items()})
+    torch.save(state, tmp_path / "trained.pth")
+    masked = FeatureExtractor(str(tmp_path / "trained.pth"), "fp32", image_size=64, localize="mask", feature_block=4)
+    plain = FeatureExtractor(str(tmp_path / "trained.pth"), "fp32", image_size=64, localize="off", feature_block=4)
+    assert masked.localizes and masked.framing == "masked" and masked.query_draft_size == 64
+    photo = red_shoe()
+    assert masked.localize([photo]) == [photo]  # nothing is cut out
+    assert masked.frame_catalog_image(photo).size != photo.size  # catalog images are framed on their product
+    masked.mask_head = LeftHalfHead()
+    kept, full = masked.conv_maps([photo]), plain.conv_maps([photo])
+    assert kept.shape == full.shape == (1, 512, 8, 8)
+    assert torch.equal(kept[..., :4], full[..., :4]) and bool((kept[..., 4:] == 0).all())
+    vector = masked.embed_queries([photo], "gem")[0]
+    assert abs(float(vector @ vector) - 1) < 1e-5

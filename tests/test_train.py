@@ -194,6 +194,14 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     found = Searcher(plain).search(query, 3)
     assert found.matches[0].product.id == "demo-003"
 
+    # Masked pooling (VSEARCH_LOCALIZE=mask) is another framing: its index answers, the crop engine asks to reindex.
+    masked = dataclasses.replace(settings, localize="mask")
+    build_index(catalog, masked)
+    searcher = Searcher(masked)
+    assert searcher.manifest.framing == "masked" and len(searcher.search(query, 3).matches) == 3
+    with pytest.raises(ReindexRequired, match="framing"):
+        Searcher(settings).search(query, 3)
+
 
 def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path, capsys) -> None:
     import argparse

@@ -2,9 +2,9 @@
 
 Run: .venv/bin/python benchmarks/search_latency.py --split RUN/split.json --weights RUN/weights.pth [--runs 30]
         [--size 224] [--feature-block 4]
-Builds three indexes of the split's first 150 test products (random weights with the engine's defaults,
-224 px; the trained weights at --size px, GeM of conv block --feature-block, with localisation off; on) and times `Searcher.search` of one cluttered 1280x960
-JPEG against each in turn, so that load bursts hit all three alike. Prints p50, p95 and p50 / untrained.
+Builds four indexes of the split's first 150 test products (random weights with the engine's defaults,
+224 px; the trained weights at --size px, GeM of conv block --feature-block, with localisation off, crop, mask) and times `Searcher.search` of one cluttered 1280x960
+JPEG against each in turn, so that load bursts hit all four alike. Prints p50, p95 and p50 / untrained.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> int:
         configs = {
             "untrained (random, engine defaults)": {"weights": "random", "image_size": 224},
             f"trained, {args.size} px, block {args.feature_block}, localisation off": {**trained, "localize": "off"},
-            f"trained, {args.size} px, block {args.feature_block}, localisation on": {**trained, "localize": "on"},
+            f"trained, {args.size} px, block {args.feature_block}, localisation crop": {**trained, "localize": "crop"},
+            f"trained, {args.size} px, block {args.feature_block}, localisation mask": {**trained, "localize": "mask"},
         }
         searchers = {}
         for i, (name, options) in enumerate(configs.items()):

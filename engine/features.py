@@ -26,7 +26,7 @@ from engine.localize import (
     up_to_block,
 )
 from engine.pooling import pool
-from engine.settings import EngineSettings
+from engine.settings import LOCALIZE_MODES, EngineSettings
 from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class FeatureExtractor:
         localize: str = "auto",
         feature_block: int = 5,
     ) -> None:
+        if localize not in LOCALIZE_MODES:
+            raise ValueError(f"localize must be one of {', '.join(LOCALIZE_MODES)}, got {localize!r}")
         torch.set_num_threads(threads or default_threads())
         loaded = load_weights(weights)
         if localize not in ("auto", "off") and loaded.mask_head is None:

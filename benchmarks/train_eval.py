@@ -139,7 +139,8 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", required=True, help="split.json written by vsearch train")
-    parser.add_argument("--weights", nargs="+", required=True, help="weights specs: random, imagenet or .pth paths; thumbnail: the no-model control")
+    parser.add_argument("--weights", nargs="+", required=True,
+                        help="weights specs: random, imagenet or .pth paths; thumbnail: the no-model control")
     parser.add_argument("--categories", type=Path, default=DATASETS / "shoes_categories/catalog.csv",
                         help="catalog for category precision@5 (products not in the training catalog)")
     parser.add_argument("--categories-limit", type=int, default=1000)

@@ -413,7 +413,7 @@ class Bench:
     def localisation(self) -> None:
         """Time of finding the product in a query photo against a whole search without it, both ways:
         "crop" (the default: mask pass at the head's size + clean-up; the crop is then embedded instead of the
-        photo) and "mask" (`VSEARCH_LOCALIZE=mask`: blocks 5 and the head in the embedding pass, masked pooling).
+        photo) and "mask" (`VSEARCH_LOCALIZE=mask`: block 5 and the head in the embedding pass, masked pooling).
         Weights without a mask head get an untrained one for the measurement: the cost is the same, the masks
         are not."""
         from engine.images import load_image

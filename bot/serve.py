@@ -130,7 +130,8 @@ async def start(settings: BotSettings) -> Running:
 
         engine = settings.engine
         extractor = await asyncio.to_thread(FeatureExtractor.from_settings, engine)
-        say(out, f"Model: VGG16 ({extractor.weights_id}, {extractor.precision}, {engine.image_size} px)")
+        say(out, f"Model: VGG16 ({extractor.weights_id}, {extractor.precision}, {engine.image_size} px, conv block "
+                 f"{extractor.feature_block}, finding the product: {extractor.localization or 'off'})")
         await ensure_index(settings, out, extractor)
         searcher = await asyncio.to_thread(Searcher, engine, extractor)
         say(out, f"Index: version {searcher.index_version}, {searcher.product_count} products "

@@ -56,6 +56,7 @@ async def test_serve_indexes_on_first_run_and_stops_gracefully(tmp_path, demo_ca
     assert await asyncio.wait_for(server, timeout=60) == 0
     out = capsys.readouterr().out
     assert f"No index yet: indexing {demo_catalog}" in out
+    assert "conv block 5, finding the product: off)" in out  # random weights: no mask head
     assert f"Web page and HTTP API: {url}/" in out and "Telegram bot: off" in out and "Stopped." in out
     assert (tmp_path / "data" / "index" / "CURRENT").is_file()
 

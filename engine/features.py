@@ -17,10 +17,10 @@ from engine.errors import WeightsError
 from engine.localize import (
     CleanupParams,
     MaskHead,
-    block_outputs,
     catalog_crop,
     clean_images,
     fitted_size,
+    mask_logits,
     predict_masks,
     product_cells,
     up_to_block,
@@ -242,9 +242,9 @@ class FeatureExtractor:
         batch, autocast = self._inputs(batch, precision)
         with self._lock.hold(background), torch.inference_mode(), autocast:
             if self.localization == "mask" and self.mask_head is not None:
-                blocks = block_outputs(self.model, batch)
-                maps = blocks[self.feature_block - 1].float()
-                prob = torch.sigmoid(self.mask_head(*blocks[2:5]).float())
+                maps, logits = mask_logits(self.model, self.mask_head, batch, self.feature_block)
+                maps = maps.float()
+                prob = torch.sigmoid(logits.float())
                 return maps * product_cells(prob, (maps.shape[-2], maps.shape[-1]), self.cleanup)
             out = self.embedder(batch)
         return out.float()

@@ -160,10 +160,13 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
     return F.cross_entropy(sim, targets)
 
 
-def proxy_softmax(z: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Normalised softmax: each embedding is classified among all training products' proxies (cosine)."""
+def proxy_softmax(
+    z: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, temperature: float, ignore_index: int = -100
+) -> torch.Tensor:
+    """Normalised softmax: each embedding is classified among the proxies (cosine); labels equal to
+    `ignore_index` add nothing."""
     logits = F.normalize(z.float(), dim=1) @ F.normalize(proxies.float(), dim=1).T / temperature
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
 @dataclass
@@ -192,8 +195,7 @@ class CategoryTerm:
         targets = self.of_product.to(labels.device)[labels]
         if bool((targets < 0).all()):
             return torch.zeros((), device=z.device)
-        logits = F.normalize(z.float(), dim=1) @ F.normalize(self.proxies.float(), dim=1).T / CATEGORY_TEMPERATURE
-        return F.cross_entropy(logits, targets, ignore_index=-1)
+        return proxy_softmax(z, targets, self.proxies, CATEGORY_TEMPERATURE, ignore_index=-1)
 
 
 def build_features(weights: str, arch: str, seed: int) -> tuple[nn.Sequential, str, str]:
@@ -693,7 +695,8 @@ def train(config: TrainConfig) -> TrainResult:
             "augment": {"preset": TRAIN_PARAMS.name, "clean_anchor_share": CLEAN_ANCHOR_SHARE,
                         "clutter_share": CLUTTER_SHARE, "grey_share": GREY_SHARE},
             "validation": {"catalog": str(val_catalog), "products": len(val_ids), "image_size": val_size,
-                           "method": "gem + whitening, queries localised after epoch 0; eval presets and seeds "
+                           "method": f"gem of conv block {config.feature_block} + whitening, queries "
+                                     "localised (cropped) after epoch 0; eval presets and seeds "
                                      "(engine.evaluate); picks the best epoch, so report figures on the split's "
                                      "`test` products",
                            "before": state.before, "after": state.best},

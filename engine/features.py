@@ -20,9 +20,8 @@ from engine.localize import (
     catalog_crop,
     clean_images,
     fitted_size,
-    mask_logits,
+    masked_maps,
     predict_masks,
-    product_cells,
     up_to_block,
 )
 from engine.pooling import pool
@@ -35,7 +34,9 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 DEFAULT_IMAGE_SIZE = 224
 BF16_MIN_COSINE = 0.999
-DEFAULT_LOCALIZATION = "crop"  # VSEARCH_LOCALIZE=auto for weights with a mask head (README: Training)
+# VSEARCH_LOCALIZE=auto for weights with a mask head: masked pooling keeps to issue 6's +30% query-time budget,
+# cropping (a second pass) does not (README: Training, "Query time").
+DEFAULT_LOCALIZATION = "mask"
 
 
 @functools.cache
@@ -242,10 +243,7 @@ class FeatureExtractor:
         batch, autocast = self._inputs(batch, precision)
         with self._lock.hold(background), torch.inference_mode(), autocast:
             if self.localization == "mask" and self.mask_head is not None:
-                maps, logits = mask_logits(self.model, self.mask_head, batch, self.feature_block)
-                maps = maps.float()
-                prob = torch.sigmoid(logits.float())
-                return maps * product_cells(prob, (maps.shape[-2], maps.shape[-1]), self.cleanup)
+                return masked_maps(self.model, self.mask_head, batch, self.feature_block, self.cleanup)
             out = self.embedder(batch)
         return out.float()
 

@@ -8,6 +8,7 @@ cropped to, so the query looks like a catalog shot before it is embedded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,16 +161,37 @@ def clean_image(image: Image.Image, prob: np.ndarray, params: CleanupParams = Cl
     return Image.composite(crop, Image.new("RGB", crop.size, BACKGROUND), matte)
 
 
-def product_cells(prob: torch.Tensor, size: tuple[int, int], params: CleanupParams = CleanupParams()) -> torch.Tensor:
-    """(N, 1, h, w) weights of the cells of an h x w conv map: 1 where the product is, 0 elsewhere, from the
-    head's (N, 1, S/4, S/4) probabilities; all 1 for a photo whose mask is not trusted (see CleanupParams).
+def squared(prob: torch.Tensor) -> torch.Tensor:
+    return prob**2
 
-    Multiplying a conv map by them before pooling keeps only the product's cells: masked pooling, the cheap
-    way of finding the product (`VSEARCH_LOCALIZE=mask`): no second pass, no crop."""
-    cells = (F.adaptive_avg_pool2d(prob.float(), size) >= params.threshold).float()
-    share = cells.mean(dim=(1, 2, 3), keepdim=True)
+
+def product_weights(
+    prob: torch.Tensor,
+    size: tuple[int, int],
+    params: CleanupParams = CleanupParams(),
+    weigh: Callable[[torch.Tensor], torch.Tensor] = squared,
+) -> torch.Tensor:
+    """(N, 1, h, w) weights of the cells of an h x w conv map, from the head's (N, 1, S/4, S/4) probabilities:
+    `weigh` of each cell's product probability, by default its square (near 1 on the product, near 0 on the
+    background); all 1 for a photo whose mask is not trusted (see CleanupParams).
+
+    Multiplying a conv map by them before pooling keeps mostly the product's cells: masked pooling, the cheap
+    way of finding the product (`VSEARCH_LOCALIZE=mask`): no second pass, no crop. Squared probabilities beat
+    a hard cut at `params.threshold` on the validation products (`benchmarks/mask_weights.py`; README: Training)."""
+    prob = F.adaptive_avg_pool2d(prob.float(), size)
+    share = (prob >= params.threshold).float().mean(dim=(1, 2, 3), keepdim=True)
     trusted = (share >= params.min_area) & (share <= params.max_area)
-    return torch.where(trusted, cells, torch.ones_like(cells))
+    return torch.where(trusted, weigh(prob), torch.ones_like(prob))
+
+
+def masked_maps(
+    features: nn.Sequential, head: MaskHead, batch: torch.Tensor, block: int, params: CleanupParams = CleanupParams()
+) -> torch.Tensor:
+    """Conv block `block`'s float32 maps weighted by `product_weights` (the background's cells near zero), from
+    one pass that also runs the head (masked pooling); the caller sets inference mode and autocast."""
+    maps, logits = mask_logits(features, head, batch, block)
+    maps = maps.float()
+    return maps * product_weights(torch.sigmoid(logits.float()), (maps.shape[-2], maps.shape[-1]), params)
 
 
 def predict_masks(features: nn.Sequential, head: MaskHead, batch: torch.Tensor) -> np.ndarray:

@@ -12,9 +12,9 @@ from engine.errors import SettingsError
 from engine.pooling import POOLINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# How queries are localised with the mask head of `vsearch train` weights: "crop" (the product on white,
-# cropped to, then embedded), "mask" (pooling over the product's cells of the same pass), "off"; "on" is
-# "crop", "auto" the default method when the weights carry a mask head.
+# How the product is found with the mask head of `vsearch train` weights: "mask" (pooling over the product's
+# cells of the embedding pass), "crop" (the query's product on white, cropped to, then embedded), "off"; "on"
+# is "crop", "auto" the default method (engine.features.DEFAULT_LOCALIZATION) when the weights carry a head.
 LOCALIZE_MODES = ("auto", "on", "crop", "mask", "off")
 # Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
 DEFAULT_POOLING = "avg"

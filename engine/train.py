@@ -28,16 +28,18 @@ from tqdm import tqdm
 from engine.augment import TRAIN_PARAMS, clean_crop, foreground_mask, photo_like_with_mask
 from engine.errors import CatalogError, ImageRejected, VsearchError, WeightsError
 from engine.evaluate import PLACEHOLDER_URL, product_label, run_eval, sample_products, split_products
-from engine.features import cpu_has_native_bf16, preprocess
+from engine.features import DEFAULT_LOCALIZATION, cpu_has_native_bf16, preprocess
 from engine.images import load_image_file
 from engine.localize import (
     MASK_PREFIX,
     MASK_STRIDE,
+    CleanupParams,
     MaskHead,
     catalog_crop,
     clean_images,
     mask_logits,
     mask_target,
+    masked_maps,
     predict_masks,
     up_to_block,
 )
@@ -425,9 +427,12 @@ class ModelExtractor:
     """The training model seen through the eval code's ConvExtractor protocol."""
 
     def __init__(self, model: Embedder, image_size: int, device: torch.device, precision: str,
-                 feature_block: int) -> None:
+                 feature_block: int, localization: str | None = DEFAULT_LOCALIZATION) -> None:
         self.model = model
+        self.feature_block = feature_block
         self.embedder = up_to_block(model.features, feature_block)
+        self.localization = localization  # as FeatureExtractor.localization: "crop", "mask" or None
+        self.cleanup = CleanupParams()
         self.image_size = image_size
         self.device = device
         self.precision = precision
@@ -438,18 +443,24 @@ class ModelExtractor:
         return batch.to(self.device).contiguous(memory_format=torch.channels_last)
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        batch = self._batch(images, self.image_size)
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            return self.embedder(self._batch(images, self.image_size)).float().cpu()
+            if self.localization == "mask":
+                return masked_maps(self.model.features, self.model.mask_head, batch, self.feature_block,
+                                   self.cleanup).cpu()
+            return self.embedder(batch).float().cpu()
 
     def frame_catalog_image(self, image: Image.Image) -> Image.Image:
-        return catalog_crop(image)  # validation localises by cropping, as VSEARCH_LOCALIZE=crop does
+        return catalog_crop(image, self.cleanup.margin)  # both ways of localising frame the index on its products
 
     def localize(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        """As `FeatureExtractor.localize`: the mask pass at the training size, then the clean-up."""
+        """As `FeatureExtractor.localize`: with "crop", the mask pass at the training size, then the clean-up."""
+        if self.localization != "crop":
+            return list(images)
         head = self.model.mask_head
         with torch.inference_mode(), _autocast(self.device, self.precision):
             probs = predict_masks(self.model.features, head, self._batch(images, int(head.image_size)))
-        return clean_images(list(images), probs)
+        return clean_images(list(images), probs, self.cleanup)
 
 
 def validate(
@@ -465,7 +476,8 @@ def validate(
     try:
         report = run_eval(
             val_catalog,
-            extractor=ModelExtractor(model, image_size, device, precision, feature_block),
+            extractor=ModelExtractor(model, image_size, device, precision, feature_block,
+                                     DEFAULT_LOCALIZATION if localize else None),
             seed=seed,
             poolings=("gem",),
             whitening=(False, True),
@@ -689,14 +701,17 @@ def train(config: TrainConfig) -> TrainResult:
             "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size),
                                "VSEARCH_FEATURE_BLOCK": config.feature_block},
             "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
-                          "used": "queries only (Searcher.search), VSEARCH_LOCALIZE=auto"},
+                          "used": {"mask": "every image pooled over its product's cells",
+                                   "crop": "queries cut to their product before embedding",
+                                   "auto": DEFAULT_LOCALIZATION}},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,
                           "schedule": f"warm-up {WARMUP:.0%}, cosine to 0 over epochs or --minutes"},
             "augment": {"preset": TRAIN_PARAMS.name, "clean_anchor_share": CLEAN_ANCHOR_SHARE,
                         "clutter_share": CLUTTER_SHARE, "grey_share": GREY_SHARE},
             "validation": {"catalog": str(val_catalog), "products": len(val_ids), "image_size": val_size,
-                           "method": f"gem of conv block {config.feature_block} + whitening, queries "
-                                     "localised (cropped) after epoch 0; eval presets and seeds "
+                           "method": f"gem of conv block {config.feature_block} + whitening, the product "
+                                     f"found as VSEARCH_LOCALIZE=auto does ({DEFAULT_LOCALIZATION}) after epoch 0; "
+                                     "eval presets and seeds "
                                      "(engine.evaluate); picks the best epoch, so report figures on the split's "
                                      "`test` products",
                            "before": state.before, "after": state.best},

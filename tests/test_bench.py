@@ -59,9 +59,12 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
     report = json.loads(out.read_text(encoding="utf-8"))
     metrics = report["metrics"]
+    # Masked pooling's cost is a difference of two timed passes: at the quick run's 64 px it is within the
+    # noise of a busy machine and may come out below zero, so only its presence is asserted.
+    differences = {"mask_pool_extra_ms", "mask_pool_overhead"}
     for name in EXPECTED_METRICS:
         assert name in metrics, name
-        assert math.isfinite(metrics[name]) and metrics[name] > 0, (name, metrics[name])
+        assert math.isfinite(metrics[name]) and (name in differences or metrics[name] > 0), (name, metrics[name])
     quick = bench.BenchConfig.quick_config()
     assert metrics["pipeline_images"] == quick.images
     # 2000 vectors with search_k 5000 is an exhaustive search: anything short of ~1 means a counting bug.
@@ -83,6 +86,9 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert report["environment"]["image_size"] == 64
     assert len(report["goals"]) == 6 and all(g["result"] for g in report["goals"])
     assert report["details"]["localize_head"].startswith("untrained stand-in")
+    finding = report["goals"][2]  # judged on the default way of finding the product: masked pooling
+    assert finding["result"].startswith("masked pooling (the default, VSEARCH_LOCALIZE=mask")
+    assert finding["met"] == (metrics["mask_pool_overhead"] <= bench.LOCALIZE_OVERHEAD_GOAL)
     table = capsys.readouterr().out
     assert "| # | measure | result | goal | met |" in table
     assert table.count("\n| ") >= 7  # header row + 6 goal rows

@@ -18,7 +18,7 @@ from engine.localize import (
     block_outputs,
     clean_image,
     mask_target,
-    product_cells,
+    product_weights,
     split_state,
     unpad,
 )
@@ -242,15 +242,17 @@ def test_a_briefly_trained_mask_head_finds_the_product_in_clutter() -> None:
     assert np.mean(kept_area) < 0.75  # and much of the clutter is not
 
 
-def test_product_cells_keep_the_product_and_distrust_a_mask_of_almost_nothing_or_everything() -> None:
+def test_product_weights_keep_the_product_and_distrust_a_mask_of_almost_nothing_or_everything() -> None:
     prob = torch.zeros(3, 1, 16, 16)
     prob[0, 0, 4:12, 0:8] = 0.9  # a product: the cells it covers on a 4x4 map of the same image
+    prob[0, 0, 4:8, 8:12] = 0.5  # and one cell it is unsure of
     prob[1, 0, 0, 0] = 0.9  # 0.4% of the photo: not trusted
     prob[2] = 0.99  # everything: not trusted
-    cells = product_cells(prob, (4, 4))
-    assert cells.shape == (3, 1, 4, 4)
-    assert cells[0, 0].tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
-    assert bool((cells[1:] == 1).all())
+    weights = product_weights(prob, (4, 4))
+    assert weights.shape == (3, 1, 4, 4)
+    expected = [[0, 0, 0, 0], [0.81, 0.81, 0.25, 0], [0.81, 0.81, 0, 0], [0, 0, 0, 0]]
+    assert torch.allclose(weights[0, 0], torch.tensor(expected))  # the probability squared
+    assert bool((weights[1:] == 1).all())
 
 
 class LeftHalfHead(torch.nn.Module):
@@ -265,8 +267,8 @@ class LeftHalfHead(torch.nn.Module):
 
 
 def test_mask_localization_pools_only_the_products_cells_in_the_same_pass(tmp_path) -> None:
-    """VSEARCH_LOCALIZE=mask: no crop and no second pass; the conv map's cells outside the product are zeroed
-    before pooling, for catalog images (framed on their product, as with crop) and queries alike."""
+    """VSEARCH_LOCALIZE=mask: no crop and no second pass; the conv map's cells outside the product are weighed
+    down to ~0 before pooling, for catalog images (framed on their product, as with crop) and queries alike."""
     from engine.features import FeatureExtractor
 
     state = dict(random_features("vgg16_bn").state_dict())
@@ -281,6 +283,7 @@ def test_mask_localization_pools_only_the_products_cells_in_the_same_pass(tmp_pa
     masked.mask_head = LeftHalfHead()
     kept, full = masked.conv_maps([photo]), plain.conv_maps([photo])
     assert kept.shape == full.shape == (1, 512, 8, 8)
-    assert torch.equal(kept[..., :4], full[..., :4]) and bool((kept[..., 4:] == 0).all())
+    assert torch.allclose(kept[..., :4], full[..., :4], rtol=1e-3)  # the product's cells, weighed ~1
+    assert float(kept[..., 4:].abs().max()) < 1e-6 * float(full.abs().max())  # the rest, ~0
     vector = masked.embed_queries([photo], "gem")[0]
     assert abs(float(vector @ vector) - 1) < 1e-5

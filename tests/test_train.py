@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from engine.features import preprocess
-from engine.localize import MaskHead, mask_target
+from engine.localize import CleanupParams, MaskHead, mask_target
 from engine.settings import EngineSettings
 from engine.train import (
     CARD,
@@ -179,12 +179,12 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     from engine.search import Searcher
 
     searcher = Searcher(settings)
-    assert searcher.extractor.localizes  # VSEARCH_LOCALIZE=auto: on, the weights have a mask head
-    assert searcher.manifest.framing == "product"
+    # VSEARCH_LOCALIZE=auto: the weights have a mask head, so masked pooling (the default way) is on.
+    assert searcher.extractor.localization == "mask" and searcher.manifest.framing == "masked"
     query = (catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
     assert len(searcher.search(query, 3).matches) == 3  # two epochs at 40 px: the mask head is not trained yet
 
-    # Localisation off: the index framed on products no longer fits; rebuilt, the product is found.
+    # Localisation off: the index pooled over products no longer fits; rebuilt, the product is found.
     from engine.errors import ReindexRequired
 
     plain = dataclasses.replace(settings, localize="off")
@@ -194,11 +194,11 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     found = Searcher(plain).search(query, 3)
     assert found.matches[0].product.id == "demo-003"
 
-    # Masked pooling (VSEARCH_LOCALIZE=mask) is another framing: its index answers, the crop engine asks to reindex.
-    masked = dataclasses.replace(settings, localize="mask")
-    build_index(catalog, masked)
-    searcher = Searcher(masked)
-    assert searcher.manifest.framing == "masked" and len(searcher.search(query, 3).matches) == 3
+    # Cropping (VSEARCH_LOCALIZE=crop) is another framing: its index answers, the default engine asks to reindex.
+    cropping = dataclasses.replace(settings, localize="crop")
+    build_index(catalog, cropping)
+    searcher = Searcher(cropping)
+    assert searcher.manifest.framing == "product" and len(searcher.search(query, 3).matches) == 3
     with pytest.raises(ReindexRequired, match="framing"):
         Searcher(settings).search(query, 3)
 
@@ -305,3 +305,31 @@ def test_the_loss_trains_the_gem_of_its_conv_block(loss_block: int) -> None:
     block5_convs = [m for m in model.features[len(block4):] if isinstance(m, torch.nn.Conv2d)]
     assert block4[-3].weight.grad is not None  # conv4_3 (before its batch norm and ReLU)
     assert all((m.weight.grad is not None) == (loss_block == 5) for m in block5_convs)
+
+
+def test_validation_computes_the_vectors_the_engine_deploys(run, catalog: Path) -> None:
+    """The per-epoch check sees each image as `Searcher` would with the card's settings: the default way of
+    finding the product (masked pooling), conv block 4, the same maps."""
+    from engine.features import DEFAULT_LOCALIZATION, FeatureExtractor
+    from engine.train import ModelExtractor
+
+    _, result = run
+    loaded = load_weights(str(result.weights))
+    validating = ModelExtractor(Embedder(loaded.features, loaded.mask_head).eval(), SIZE, torch.device("cpu"),
+                                "fp32", feature_block=4)
+    deployed = FeatureExtractor(str(result.weights), "fp32", image_size=SIZE, threads=1, feature_block=4)
+    assert validating.localization == deployed.localization == DEFAULT_LOCALIZATION == "mask"
+    images = [Image.open(p).convert("RGB") for p in sorted((catalog.parent / "images").glob("*.jpg"))[:4]]
+    framed = [deployed.frame_catalog_image(im) for im in images]
+    assert [im.size for im in framed] == [validating.frame_catalog_image(im).size for im in images]
+    # A head two epochs old is not trusted anywhere by the default clean-up: trust it, judged at its median.
+    cleanup = CleanupParams(threshold=float(np.median(deployed.mask_probabilities(framed))), min_area=0.0,
+                            max_area=1.0)
+    deployed.cleanup = validating.cleanup = cleanup
+    want = deployed.conv_maps(deployed.localize(framed))
+    got = validating.conv_maps(validating.localize(framed))
+    assert got.shape == want.shape == (4, 512, SIZE // 8, SIZE // 8)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    validating.localization = None
+    unmasked = validating.conv_maps(framed)
+    assert not torch.allclose(got, unmasked, rtol=1e-2)  # the cells were weighed by the mask

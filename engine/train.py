@@ -701,7 +701,7 @@ def train(config: TrainConfig) -> TrainResult:
             "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size),
                                "VSEARCH_FEATURE_BLOCK": config.feature_block},
             "mask_head": {"inputs": "conv blocks 3, 4, 5", "image_size": config.image_size,
-                          "used": {"mask": "every image pooled over its product's cells",
+                          "used": {"mask": "every image pooled over its cells weighed by the product mask",
                                    "crop": "queries cut to their product before embedding",
                                    "auto": DEFAULT_LOCALIZATION}},
             "optimizer": {"name": "adamw", "lr": config.lr, "weight_decay": config.weight_decay,

@@ -427,7 +427,7 @@ class ModelExtractor:
     """The training model seen through the eval code's ConvExtractor protocol."""
 
     def __init__(self, model: Embedder, image_size: int, device: torch.device, precision: str,
-                 feature_block: int, localization: str | None = DEFAULT_LOCALIZATION) -> None:
+                 feature_block: int, localization: str | None = None) -> None:
         self.model = model
         self.feature_block = feature_block
         self.embedder = up_to_block(model.features, feature_block)
@@ -463,6 +463,15 @@ class ModelExtractor:
         return clean_images(list(images), probs, self.cleanup)
 
 
+def validation_extractor(
+    model: Embedder, image_size: int, device: torch.device, precision: str, feature_block: int, localize: bool = True,
+) -> ModelExtractor:
+    """What the per-epoch check embeds with: the engine's default way of finding the product (once the head is
+    trained, `localize`) and the card's conv block, so that it measures what `Searcher` will run."""
+    return ModelExtractor(model, image_size, device, precision, feature_block,
+                          DEFAULT_LOCALIZATION if localize else None)
+
+
 def validate(
     model: Embedder, val_catalog: Path, image_size: int, feature_block: int, seed: int, device: torch.device,
     precision: str, localize: bool = True,
@@ -476,8 +485,7 @@ def validate(
     try:
         report = run_eval(
             val_catalog,
-            extractor=ModelExtractor(model, image_size, device, precision, feature_block,
-                                     DEFAULT_LOCALIZATION if localize else None),
+            extractor=validation_extractor(model, image_size, device, precision, feature_block, localize),
             seed=seed,
             poolings=("gem",),
             whitening=(False, True),

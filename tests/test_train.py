@@ -311,12 +311,12 @@ def test_validation_computes_the_vectors_the_engine_deploys(run, catalog: Path) 
     """The per-epoch check sees each image as `Searcher` would with the card's settings: the default way of
     finding the product (masked pooling), conv block 4, the same maps."""
     from engine.features import DEFAULT_LOCALIZATION, FeatureExtractor
-    from engine.train import ModelExtractor
+    from engine.train import validation_extractor
 
     _, result = run
     loaded = load_weights(str(result.weights))
-    validating = ModelExtractor(Embedder(loaded.features, loaded.mask_head).eval(), SIZE, torch.device("cpu"),
-                                "fp32", feature_block=4)
+    validating = validation_extractor(Embedder(loaded.features, loaded.mask_head).eval(), SIZE,
+                                      torch.device("cpu"), "fp32", feature_block=4)
     deployed = FeatureExtractor(str(result.weights), "fp32", image_size=SIZE, threads=1, feature_block=4)
     assert validating.localization == deployed.localization == DEFAULT_LOCALIZATION == "mask"
     images = [Image.open(p).convert("RGB") for p in sorted((catalog.parent / "images").glob("*.jpg"))[:4]]

@@ -25,11 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from masked_run import add_run_arguments, held_out_catalog, masked_engine  # noqa: E402 (same folder)
 
 import engine.localize as localize  # noqa: E402
 from engine.evaluate import run_eval  # noqa: E402
-from engine.features import FeatureExtractor  # noqa: E402
-from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
 WeightFn = Callable[[torch.Tensor], torch.Tensor]  # cell probabilities -> cell weights
 VARIANTS: dict[str, WeightFn] = {
@@ -44,15 +43,8 @@ KINDS = ("photo", "plain", "clean")  # cluttered photo-like, photo-like, clean (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", required=True, help="split.json written by vsearch train")
-    parser.add_argument("--weights", required=True, help="weights written by vsearch train (with a mask head)")
-    parser.add_argument("--products", choices=("val", "test"), default="val")
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=4)
-    parser.add_argument("--seeds", default="0,1,2,3")
+    add_run_arguments(parser, seeds="0,1,2,3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -60,12 +52,8 @@ def main() -> int:
         parser.error(f"unknown variants {unknown}; choose among {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    split = json.loads(Path(args.split).read_text(encoding="utf-8"))
-    catalog = read_train_catalog(Path(split["catalog"]), None)
-    ids = split.get(args.products) or split["eval"]
-    csv_path = write_val_catalog(catalog, ids, Path(args.split).with_name(f"{args.products}_catalog.csv"))
-    extractor = FeatureExtractor(args.weights, "auto", image_size=args.size, threads=args.threads, localize="mask",
-                                 feature_block=args.feature_block)
+    csv_path, count = held_out_catalog(args)
+    extractor = masked_engine(args)
     engine_rule = localize.product_weights
     results: dict[str, dict[int, dict[str, float]]] = {}
     try:
@@ -85,7 +73,7 @@ def main() -> int:
         localize.product_weights = engine_rule
 
     columns = ["photo_r1", "photo_r5", "plain_r1", "plain_r5", "clean_r1", "clean_r5"]
-    print(f"{len(ids)} {args.products} products, GeM + whitening, block {args.feature_block}, {args.size} px; "
+    print(f"{count} {args.products} products, GeM + whitening, block {args.feature_block}, {args.size} px; "
           f"mean over seeds {seeds} (each seed's figure in brackets)\n")
     print("| variant | cluttered R@1 | cluttered R@5 | photo-like R@1 | photo-like R@5 | clean R@1 | clean R@5 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

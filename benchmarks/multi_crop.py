@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from masked_run import add_run_arguments, held_out_catalog, masked_engine  # noqa: E402 (same folder)
 from PIL import Image  # noqa: E402
 
 from engine.augment import EVAL_PARAMS  # noqa: E402
@@ -31,7 +32,6 @@ from engine.evaluate import _entries, _load, _read, _transform  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.metrics import rank_products, recall_at_k  # noqa: E402
 from engine.pooling import Whitening  # noqa: E402
-from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
 CONFIGS = {  # name: (views, conv passes per query)
     "whole (the engine)": (("whole",), 1.0),
@@ -92,24 +92,13 @@ def same_product(extractor: FeatureExtractor) -> dict[str, dict[str, float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", required=True, help="split.json written by vsearch train")
-    parser.add_argument("--weights", required=True, help="weights written by vsearch train (with a mask head)")
-    parser.add_argument("--products", choices=("val", "test"), default="val")
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--feature-block", type=int, choices=(4, 5), default=4)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
+    add_run_arguments(parser, seeds="0,1")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    split = json.loads(Path(args.split).read_text(encoding="utf-8"))
-    catalog = read_train_catalog(Path(split["catalog"]), None)
-    ids = split.get(args.products) or split["eval"]
-    csv_path = write_val_catalog(catalog, ids, Path(args.split).with_name(f"{args.products}_catalog.csv"))
+    csv_path, count = held_out_catalog(args)
     entries, _ = _entries(_read(csv_path, None, []), "category")
-    extractor = FeatureExtractor(args.weights, "auto", image_size=args.size, threads=args.threads, localize="mask",
-                                 feature_block=args.feature_block)
+    extractor = masked_engine(args)
     images = [_load(e) for e in entries]
     products = [e.product_id for e in entries]
     index = extractor.embed([extractor.frame_catalog_image(im) for im in images], "gem")
@@ -132,7 +121,7 @@ def main() -> int:
             print(f"seed {seed} {kind} done", file=sys.stderr, flush=True)
 
     same = same_product(extractor) if MULTIVIEW.is_file() else None
-    print(f"{len(ids)} {args.products} products, masked pooling, GeM + whitening, block {args.feature_block}, "
+    print(f"{count} {args.products} products, masked pooling, GeM + whitening, block {args.feature_block}, "
           f"{args.size} px; mean over seeds {seeds} (each seed in brackets); same product: shoes_multiview\n")
     print("| views kept at their best match | conv passes | cluttered R@1 | cluttered R@5 | photo-like R@1 | "
           "photo-like R@5 | same-product R@1 | same-product R@5 |")

@@ -196,7 +196,7 @@ def masked_maps(
 
 def predict_masks(features: nn.Sequential, head: MaskHead, batch: torch.Tensor) -> np.ndarray:
     """(N, S/4, S/4) product probabilities of a preprocessed batch; the caller sets inference mode and autocast."""
-    return torch.sigmoid(head(*block_outputs(features, batch)[2:5]).float())[:, 0].cpu().numpy()
+    return torch.sigmoid(mask_logits(features, head, batch)[1].float())[:, 0].cpu().numpy()
 
 
 def clean_images(

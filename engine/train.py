@@ -35,9 +35,9 @@ from engine.localize import (
     MASK_STRIDE,
     CleanupParams,
     MaskHead,
+    block_outputs,
     catalog_crop,
     clean_images,
-    mask_logits,
     mask_target,
     masked_maps,
     predict_masks,
@@ -135,22 +135,26 @@ class TrainConfig:
 
 
 class Embedder(nn.Module):
-    """The trained vector (GeM p=3 of conv block `loss_block`'s output, L2-normalised) and the mask head's
-    logits, from one pass."""
+    """From one pass: the trained vector (GeM p=3 of conv block `loss_block`'s output, L2-normalised), the mask
+    head's logits, and the vector the index holds (the same GeM of conv block `index_block`), which the
+    category term trains."""
 
-    def __init__(self, features: nn.Sequential, mask_head: MaskHead, loss_block: int = 5) -> None:
+    def __init__(self, features: nn.Sequential, mask_head: MaskHead, loss_block: int = 5,
+                 index_block: int | None = None) -> None:
         super().__init__()
         self.features = features  # kept whole so its state dict is torchvision's `features` layout
         self.mask_head = mask_head
         self.loss_block = loss_block
+        self.index_block = index_block or loss_block
 
     @property
     def embedding_dims(self) -> int:
         return next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, logits = mask_logits(self.features, self.mask_head, x, self.loss_block)
-        return F.normalize(gem_pool(maps.float()), dim=1), logits
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        blocks = block_outputs(self.features, x)
+        pooled = {b: F.normalize(gem_pool(blocks[b - 1].float()), dim=1) for b in {self.loss_block, self.index_block}}
+        return pooled[self.loss_block], self.mask_head(*blocks[2:5]), pooled[self.index_block]
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -241,13 +245,13 @@ def train_step(
 
     Returns (metric loss, mask loss, category loss): NT-Xent between the two views, or, with `proxies`, the
     normalised softmax of both views against the product proxies (`labels`: each pair's product index);
-    with `category`, its weighted term is added (needs `labels`). Both views share one forward (batch norm
+    with `category`, its weighted term on the index's vector is added (needs `labels`). Both views share one forward (batch norm
     sees them together).
     """
     device = next(model.parameters()).device
     x = torch.cat([a, b]).to(device).contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):
-        z, logits = model(x)
+        z, logits, z_index = model(x)
     if proxies is None:
         contrastive = nt_xent(z[: len(a)], z[len(a) :], temperature)
     else:
@@ -258,7 +262,7 @@ def train_step(
     category_loss = torch.zeros(())
     if category is not None:
         assert labels is not None
-        category_loss = category.loss(z, torch.cat([labels, labels]).to(device))
+        category_loss = category.loss(z_index, torch.cat([labels, labels]).to(device))
         total = total + category.weight * category_loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -612,7 +616,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "Resume with the same catalog file, or start a new run with another --out.",
             )
         model = Embedder(vgg16_features(batch_norm=state.arch == "vgg16_bn"), MaskHead(image_size=config.image_size),
-                         config.loss_block)
+                         config.loss_block, config.feature_block)
         model.load_state_dict(checkpoint["model"])
     else:
         features, arch, start_id = build_features(config.weights, config.arch, config.seed)
@@ -620,7 +624,7 @@ def train(config: TrainConfig) -> TrainResult:
                            loss_block=config.loss_block, feature_block=config.feature_block)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = Embedder(features, MaskHead(image_size=config.image_size), config.loss_block)
+            model = Embedder(features, MaskHead(image_size=config.image_size), config.loss_block, config.feature_block)
     model = model.to(device).to(memory_format=torch.channels_last)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -703,7 +707,7 @@ def train(config: TrainConfig) -> TrainResult:
                      "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
                      "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None,
                      "category": ({"field": config.category_field, "classes": category.names,
-                                   "weight": category.weight, "temperature": CATEGORY_TEMPERATURE,
+                                   "weight": category.weight, "pooling": f"gem p=3 of conv block {config.feature_block}", "temperature": CATEGORY_TEMPERATURE,
                                    "final_epoch_loss": state.history[-1].get("category_loss") if state.history
                                    else None} if category else None)},
             "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size),
@@ -856,8 +860,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category-field", default="category",
                         help="catalog field whose values the category term learns (default category; '' for none)")
     parser.add_argument("--category-weight", type=float, default=0.0,
-                        help="weight of the category term beside the product loss (default 0: off; the README's run 3 "
-                        "used 0.5). On only when the training products have 2 or more categories (README: Training)")
+                        help="weight of the category term (on the index's vector) beside the product loss (default "
+                        "0: off; the README's runs 3 and 5 used 0.5). On only when the training products have 2 or "
+                        "more categories (README: Training)")
     parser.add_argument("--feature-block", type=int, choices=(4, 5), default=4,
                         help="conv block whose GeM the index uses (model card VSEARCH_FEATURE_BLOCK; default 4: "
                         "better than 5 on the README run's validation products, README: Training)")

@@ -298,13 +298,33 @@ def test_the_loss_trains_the_gem_of_its_conv_block(loss_block: int) -> None:
     torch.manual_seed(0)
     model = Embedder(vgg16_features(batch_norm=True), MaskHead(image_size=64), loss_block=loss_block)
     x = torch.rand(2, 3, 64, 64)
-    z, _ = model(x)
+    z, _, z_index = model(x)
     assert z.shape == (2, 512) and torch.allclose(z.norm(dim=1), torch.ones(2))
+    assert torch.equal(z, z_index)  # without an index block, the index's vector is the trained one
     z.sum().backward()
     block4 = up_to_block(model.features, 4)
     block5_convs = [m for m in model.features[len(block4):] if isinstance(m, torch.nn.Conv2d)]
     assert block4[-3].weight.grad is not None  # conv4_3 (before its batch norm and ReLU)
     assert all((m.weight.grad is not None) == (loss_block == 5) for m in block5_convs)
+
+
+def test_the_category_term_trains_the_vector_the_index_holds() -> None:
+    """The loss trains block 5, the index pools block 4: the category term's vector is block 4's GeM, as
+    `FeatureExtractor` pools it, and its gradient stops at block 4."""
+    from engine.localize import up_to_block
+    from engine.pooling import gem_pool
+    from engine.weights import vgg16_features
+
+    torch.manual_seed(0)
+    model = Embedder(vgg16_features(batch_norm=True), MaskHead(image_size=64), loss_block=5, index_block=4).eval()
+    x = torch.rand(2, 3, 64, 64)
+    z, _, z_index = model(x)
+    block4 = up_to_block(model.features, 4)
+    expected = torch.nn.functional.normalize(gem_pool(block4(x)), dim=1)
+    assert torch.allclose(z_index, expected, atol=1e-5) and not torch.allclose(z, z_index)
+    z_index.sum().backward()
+    block5_convs = [m for m in model.features[len(block4):] if isinstance(m, torch.nn.Conv2d)]
+    assert block4[-3].weight.grad is not None and all(m.weight.grad is None for m in block5_convs)
 
 
 def test_validation_computes_the_vectors_the_engine_deploys(run, catalog: Path) -> None:

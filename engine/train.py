@@ -245,8 +245,8 @@ def train_step(
 
     Returns (metric loss, mask loss, category loss): NT-Xent between the two views, or, with `proxies`, the
     normalised softmax of both views against the product proxies (`labels`: each pair's product index);
-    with `category`, its weighted term on the index's vector is added (needs `labels`). Both views share one forward (batch norm
-    sees them together).
+    with `category`, its weighted term on the index's vector is added (needs `labels`). Both views share one
+    forward (batch norm sees them together).
     """
     device = next(model.parameters()).device
     x = torch.cat([a, b]).to(device).contiguous(memory_format=torch.channels_last)

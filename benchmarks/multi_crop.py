@@ -67,22 +67,34 @@ def view(name: str, img: Image.Image, extractor: FeatureExtractor) -> Image.Imag
     return part(img, corner % 2, corner // 2)
 
 
+def whitened_index(extractor: FeatureExtractor, images: list[Image.Image]) -> tuple[Whitening, np.ndarray]:
+    """The catalog's GeM vectors whitened as the engine's index holds them, and the whitening fitted on them."""
+    vectors = extractor.embed(images, "gem")
+    whitening = Whitening.fit(vectors)
+    return whitening, whitening.apply(vectors)
+
+
+def best_view_scores(
+    extractor: FeatureExtractor, whitening: Whitening, index: np.ndarray, queries: list[Image.Image]
+) -> dict[str, np.ndarray]:
+    """Per configuration, (queries, index images) cosines: each catalog image's best over the configuration's
+    views of a query; every view is embedded once."""
+    views = sorted({v for names, _ in CONFIGS.values() for v in names})
+    sims = {v: whitening.apply(extractor.embed([view(v, q, extractor) for q in queries], "gem")) @ index.T
+            for v in views}
+    return {name: np.max(np.stack([sims[v] for v in names]), axis=0) for name, (names, _) in CONFIGS.items()}
+
+
 def same_product(extractor: FeatureExtractor) -> dict[str, dict[str, float]]:
     """Recall@1/@5 of each real photo's own product among the other photos, per configuration."""
     entries, _ = _entries(_read(MULTIVIEW, None, []), "category")
     images = [_load(e) for e in entries]
     products = [e.product_id for e in entries]
     framed = [extractor.frame_catalog_image(im) for im in images]  # queries too, as `vsearch eval` frames them
-    index = extractor.embed(framed, "gem")
-    whitening = Whitening.fit(index)
-    index = whitening.apply(index)
+    whitening, index = whitened_index(extractor, framed)
     queries = [i for i, p in enumerate(products) if products.count(p) >= 2]
-    views = sorted({v for names, _ in CONFIGS.values() for v in names})
-    sims = {v: whitening.apply(extractor.embed([view(v, framed[i], extractor) for i in queries], "gem")) @ index.T
-            for v in views}
     out = {}
-    for name, (names, _) in CONFIGS.items():
-        best = np.max(np.stack([sims[v] for v in names]), axis=0)
+    for name, best in best_view_scores(extractor, whitening, index, [framed[i] for i in queries]).items():
         best[np.arange(len(queries)), queries] = -np.inf  # a photo never finds itself
         ranked = [rank_products(np.argsort(-row).tolist(), products, 5) for row in best]
         truth = [products[i] for i in queries]
@@ -101,20 +113,14 @@ def main() -> int:
     extractor = masked_engine(args)
     images = [_load(e) for e in entries]
     products = [e.product_id for e in entries]
-    index = extractor.embed([extractor.frame_catalog_image(im) for im in images], "gem")
-    whitening = Whitening.fit(index)
-    index = whitening.apply(index)
-    views = sorted({v for names, _ in CONFIGS.values() for v in names})
+    whitening, index = whitened_index(extractor, [extractor.frame_catalog_image(im) for im in images])
 
     results: dict[str, dict[str, list[float]]] = {name: {} for name in CONFIGS}
     for seed in seeds:
         for kind in KINDS:
             transform = _transform(kind, seed, EVAL_PARAMS)
             queries = [transform(im, e) for im, e in zip(images, entries, strict=True)]
-            sims = {v: whitening.apply(extractor.embed([view(v, q, extractor) for q in queries], "gem")) @ index.T
-                    for v in views}
-            for name, (names, _) in CONFIGS.items():
-                best = np.max(np.stack([sims[v] for v in names]), axis=0)
+            for name, best in best_view_scores(extractor, whitening, index, queries).items():
                 ranked = [rank_products(np.argsort(-row).tolist(), products, 5) for row in best]
                 for k in (1, 5):
                     results[name].setdefault(f"{kind}_r{k}", []).append(recall_at_k(ranked, products, k))

@@ -51,7 +51,8 @@ def main() -> int:
     ids = sorted({r["product_id"] for r in category_rows})
     chosen = set(random.Random(f"train-catalog:{args.seed}").sample(ids, min(args.categories, len(ids))))
     args.out.mkdir(parents=True, exist_ok=True)
-    write(args.out / "train_catalog.csv", rows(shoes, args.shoes_category) + [r for r in category_rows if r["product_id"] in chosen])
+    trained = [r for r in category_rows if r["product_id"] in chosen]
+    write(args.out / "train_catalog.csv", rows(shoes, args.shoes_category) + trained)
     write(args.out / "categories_unseen.csv", [r for r in category_rows if r["product_id"] not in chosen])
     return 0
 

@@ -82,12 +82,20 @@ def up_to_block(features: nn.Sequential, block: int) -> nn.Sequential:
     return features[: pools[block - 1]]
 
 
+def blocks_and_logits(
+    features: nn.Sequential, head: MaskHead, x: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(every conv block's output, mask logits) from one pass: training pools two blocks and trains the head."""
+    blocks = block_outputs(features, x)
+    return blocks, head(*blocks[2:5])
+
+
 def mask_logits(
     features: nn.Sequential, head: MaskHead, x: torch.Tensor, block: int = 5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv block `block`'s maps, mask logits) from one pass: training uses both, the query pass the logits."""
-    blocks = block_outputs(features, x)
-    return blocks[block - 1], head(*blocks[2:5])
+    """(conv block `block`'s maps, mask logits) from one pass: masked pooling uses both, the mask pass the logits."""
+    blocks, logits = blocks_and_logits(features, head, x)
+    return blocks[block - 1], logits
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

@@ -35,7 +35,7 @@ from engine.localize import (
     MASK_STRIDE,
     CleanupParams,
     MaskHead,
-    block_outputs,
+    blocks_and_logits,
     catalog_crop,
     clean_images,
     mask_target,
@@ -152,9 +152,9 @@ class Embedder(nn.Module):
         return next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        blocks = block_outputs(self.features, x)
+        blocks, logits = blocks_and_logits(self.features, self.mask_head, x)
         pooled = {b: F.normalize(gem_pool(blocks[b - 1].float()), dim=1) for b in {self.loss_block, self.index_block}}
-        return pooled[self.loss_block], self.mask_head(*blocks[2:5]), pooled[self.index_block]
+        return pooled[self.loss_block], logits, pooled[self.index_block]
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -707,7 +707,8 @@ def train(config: TrainConfig) -> TrainResult:
                      "mask": f"binary cross-entropy per {MASK_STRIDE}x{MASK_STRIDE} cell, weight {MASK_LOSS_WEIGHT}",
                      "final_epoch_mask_loss": state.history[-1].get("mask_loss") if state.history else None,
                      "category": ({"field": config.category_field, "classes": category.names,
-                                   "weight": category.weight, "pooling": f"gem p=3 of conv block {config.feature_block}", "temperature": CATEGORY_TEMPERATURE,
+                                   "weight": category.weight, "temperature": CATEGORY_TEMPERATURE,
+                                   "pooling": f"gem p=3 of conv block {config.feature_block}",
                                    "final_epoch_loss": state.history[-1].get("category_loss") if state.history
                                    else None} if category else None)},
             "index_settings": {**INDEX_SETTINGS, "VSEARCH_IMAGE_SIZE": index_image_size(config.image_size),

@@ -18,6 +18,7 @@ from engine.settings import EngineSettings
 from engine.train import (
     CARD,
     CHECKPOINT,
+    DEFAULT_CATEGORY_WEIGHT,
     SPLIT,
     WEIGHTS,
     Embedder,
@@ -124,7 +125,9 @@ def test_run_writes_checkpoint_weights_card_and_split(run) -> None:
     assert all(h["loss"] > 0 and h["mask_loss"] > 0 for h in card["history"])
     assert card["mask_head"]["image_size"] == SIZE
     assert card["wall_seconds"] > 0 and card["device"]
-    assert card["loss"]["category"] is None  # the category term is off unless asked for
+    # On by default: the demo catalog's styles are its categories.
+    assert card["loss"]["category"]["weight"] == DEFAULT_CATEGORY_WEIGHT
+    assert all(h["category_loss"] > 0 for h in card["history"])
 
 
 def test_split_is_product_disjoint_and_validation_uses_eval_products_only(run) -> None:

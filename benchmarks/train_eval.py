@@ -5,7 +5,8 @@ Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights 
         [--localize both|on|crop|mask|off] [--white-dims 0,256] [--feature-block 4] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling of conv block --feature-block
 (default 5, the engine's; for trained weights as their model card gives), every configuration of
-whitening (fitted on the evaluated catalog itself, as `vsearch index` does), alpha query expansion
+whitening (fitted on the evaluated catalog itself, as `vsearch index` does; "+lwhite": the learned whitening
+beside the weights, where it fits these settings, centred on the evaluated catalog), alpha query expansion
 (re-ranking, "+aqe") and, for weights with a mask head, localisation on and off:
 - on the split's test products (held out and never used to pick an epoch): clean, photo-like and
   cluttered photo-like recall@1/@5 (engine.evaluate.run_eval, the code of `vsearch eval`);
@@ -41,6 +42,7 @@ from engine.evaluate import SEED_BASELINE, run_eval, sample_products  # noqa: E4
 from engine.features import IMAGENET_MEAN as MEAN  # noqa: E402
 from engine.features import IMAGENET_STD as STD  # noqa: E402
 from engine.features import FeatureExtractor, preprocess  # noqa: E402
+from engine.learned_whitening import matching_learned_whitening  # noqa: E402
 from engine.settings import EngineSettings, card_index_settings  # noqa: E402
 from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
@@ -107,8 +109,9 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     extractor = ThumbnailExtractor() if spec == "thumbnail" else FeatureExtractor(
         spec, "auto", image_size=args.size, threads=args.threads or None, localize=localize, feature_block=block)
     on = getattr(extractor, "localizes", False)
+    learned = None if spec == "thumbnail" else matching_learned_whitening(spec, extractor, "gem")[0]
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
-              "white_dims": args.white_dims,
+              "white_dims": args.white_dims, "learned_whitening": learned.projection if learned else None,
               "localize": on, "query_expansion": True, "seed": args.seed}
     start = time.perf_counter()
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)

@@ -238,6 +238,7 @@ def run_eval(
     params: AugmentParams = EVAL_PARAMS,
     localize: bool = False,
     query_expansion: bool = False,
+    learned_whitening: np.ndarray | None = None,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate every pooling x whitening configuration (and the seed baseline) on one catalog.
@@ -250,6 +251,9 @@ def run_eval(
     `query_expansion`: every cosine method gets a "+aqe" twin that re-ranks with alpha query expansion.
     `white_dims`: the whitened methods are measured at each of these dims (None: all of the pooled vector's),
     as `Whitening.fit(dims=...)` keeps them; a reduced one is named like "avg+white256".
+    `learned_whitening`: a projection learned from pairs of GeM vectors (engine.learned_whitening); the
+    whitened GeM methods then also get a "+lwhite" twin that uses it, centred on the same vectors the PCA
+    whitening is fitted on.
     """
     unknown = [p for p in poolings if p not in POOLINGS]
     if unknown or not poolings:
@@ -319,7 +323,8 @@ def run_eval(
     if len(eval_entries) < 2:
         raise ValueError(f"only {len(eval_entries)} image(s) to evaluate; use a larger catalog, limit or eval share")
 
-    methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes, white_dims)
+    methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes, white_dims,
+                       learned_whitening)
     if query_expansion:
         methods += [_with_query_expansion(m) for m in methods if m.distance == "cosine"]
     image_products = [e.product_id for e in eval_entries]
@@ -544,6 +549,7 @@ def _methods(
     include_seed_baseline: bool,
     notes: list[str],
     white_dims: Sequence[int | None] = (None,),
+    learned: np.ndarray | None = None,
 ) -> list[_Method]:
     methods: list[_Method] = []
     for p in poolings:
@@ -562,15 +568,17 @@ def _methods(
                 continue
             full = int(vecs.shape[1])
             for dims in dict.fromkeys(None if d is None or d >= full else d for d in white_dims):
-                fitted = Whitening.fit(vecs[is_train], dims=dims)
+                kinds = [("white", None)] + ([("lwhite", learned)] if learned is not None and p == "gem" else [])
+                for kind, projection in kinds:
+                    fitted = Whitening.fit(vecs[is_train], dims=dims, learned=projection)
 
-                def project_white(v: _Vectors, p: str = p, w: Whitening = fitted) -> np.ndarray:
-                    return w.apply(v.pooled[p])
+                    def project_white(v: _Vectors, p: str = p, w: Whitening = fitted) -> np.ndarray:
+                        return w.apply(v.pooled[p])
 
-                index = fitted.apply(vecs[is_eval])
-                name = f"{p}+white" if dims is None else f"{p}+white{dims}"
-                result = MethodResult(name, p, True, "cosine", int(index.shape[1]), dict.fromkeys(METRICS))
-                methods.append(_Method(result, index, project_white, "cosine"))
+                    index = fitted.apply(vecs[is_eval])
+                    name = f"{p}+{kind}" if dims is None else f"{p}+{kind}{dims}"
+                    result = MethodResult(name, p, True, "cosine", int(index.shape[1]), dict.fromkeys(METRICS))
+                    methods.append(_Method(result, index, project_white, "cosine"))
     if include_seed_baseline and vectors.raw is not None:
         index = vectors.raw[is_eval]
         result = MethodResult(SEED_BASELINE, None, False, "euclidean", int(index.shape[1]), dict.fromkeys(METRICS))

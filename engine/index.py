@@ -6,7 +6,7 @@ Layout under VSEARCH_DATA_DIR/index/:
     <version>/vectors.ann   Annoy index, angular metric, item i = images[i]
     <version>/images.json   [[product_id, image source], ...]
     <version>/products.json {product_id: Product dict}
-    <version>/whitening.npz optional PCA whitening applied to queries and items
+    <version>/whitening.npz optional whitening (PCA or learned, centred on the catalog) applied to queries and items
     <version>/errors.csv    catalog rows that were not indexed, with line numbers and reasons
 """
 
@@ -53,6 +53,7 @@ class Manifest:
     build_seconds: float
     framing: str = "whole"  # "product": catalog images cropped to their product (queries are localised)
     feature_block: int = 5  # the conv block whose output was pooled (VSEARCH_FEATURE_BLOCK)
+    whitening_method: str = "pca"  # "pca" (fitted on the catalog), "learned" (the weights'), "off"
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -82,9 +82,32 @@ def raw_flat(maps: torch.Tensor) -> np.ndarray:
     return _to_numpy(F.max_pool2d(maps.float(), 2).flatten(1))
 
 
+def _inverse_sqrt(cov: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues descending, cov^-1/2 as eigenvectors scaled column-wise) with `shrinkage` x the mean
+    eigenvalue added to every eigenvalue, so that near-zero directions are not blown up into noise."""
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = np.maximum(eigvals[order], 0), eigvecs[:, order]
+    shrink = shrinkage * max(float(eigvals.mean()), 1e-12)
+    return eigvals, eigvecs / np.sqrt(eigvals + shrink)
+
+
+def learned_projection(anchors: np.ndarray, positives: np.ndarray, shrinkage: float = 0.1) -> np.ndarray:
+    """(D, D) whitening learned from matching pairs (Radenović et al.): the inverse square root of the
+    covariance of the pairs' differences. Directions in which a catalog image and a photo of the same
+    product differ (background, light, crop) are damped; directions that hold steady are kept."""
+    a = np.asarray(anchors, dtype=np.float64)
+    b = np.asarray(positives, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"learned whitening needs 2 or more pairs of equal shape, got {a.shape} and {b.shape}")
+    diff = b - a
+    return _inverse_sqrt(diff.T @ diff / len(diff), shrinkage)[1].astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Whitening:
-    """PCA whitening fitted on the catalog's own vectors (Jégou & Chum): centre, rotate, rescale."""
+    """Whitening of a catalog's vectors: centred on the catalog, then PCA-whitened on its own covariance
+    (Jégou & Chum), or projected by a whitening learned from pairs (`learned_projection`)."""
 
     mean: np.ndarray  # (D,)
     projection: np.ndarray  # (D, dims)
@@ -94,12 +117,16 @@ class Whitening:
         return int(self.projection.shape[1])
 
     @classmethod
-    def fit(cls, vectors: np.ndarray, dims: int | None = None, shrinkage: float = 0.1) -> Whitening:
+    def fit(
+        cls, vectors: np.ndarray, dims: int | None = None, shrinkage: float = 0.1, learned: np.ndarray | None = None
+    ) -> Whitening:
         """Fit on (N, D) L2-normalised vectors.
 
         `shrinkage` adds a fraction of the mean eigenvalue (of the full spectrum) to every eigenvalue, so
         that the near-zero directions of a small catalog are not blown up into noise. `dims` keeps only the
         leading principal directions (None or >= D: all); the kept ones are whitened exactly as at full dims.
+        `learned` (a `learned_projection`) replaces the PCA whitening: the vectors are centred on their mean
+        and projected by it; with `dims`, onto the leading principal directions of the projected catalog.
         """
         x = np.asarray(vectors, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -108,15 +135,18 @@ class Whitening:
             raise ValueError(f"dims must be at least 1, got {dims}")
         mean = x.mean(axis=0)
         centred = x - mean
-        cov = centred.T @ centred / (x.shape[0] - 1)
-        eigvals, eigvecs = np.linalg.eigh(cov)
-        order = np.argsort(eigvals)[::-1]
-        eigvals, eigvecs = np.maximum(eigvals[order], 0), eigvecs[:, order]
-        shrink = shrinkage * max(float(eigvals.mean()), 1e-12)
         keep = min(dims or x.shape[1], x.shape[1])
-        eigvals, eigvecs = eigvals[:keep] + shrink, eigvecs[:, :keep]
-        projection = eigvecs / np.sqrt(eigvals)
-        return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32))
+        if learned is not None:
+            projection = np.asarray(learned, dtype=np.float64)
+            if projection.shape != (x.shape[1], x.shape[1]):
+                raise ValueError(f"a learned whitening of shape {projection.shape} does not fit {x.shape[1]}-dim vectors")
+            if keep < x.shape[1]:
+                projected = centred @ projection
+                _, rotation = np.linalg.eigh(projected.T @ projected)
+                projection = projection @ rotation[:, ::-1][:, :keep]
+            return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32))
+        eigvals, projection = _inverse_sqrt(centred.T @ centred / (x.shape[0] - 1), shrinkage)
+        return cls(mean=mean.astype(np.float32), projection=projection[:, :keep].astype(np.float32))
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         return l2n((np.asarray(vectors, dtype=np.float32) - self.mean) @ self.projection)

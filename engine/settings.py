@@ -19,6 +19,9 @@ LOCALIZE_MODES = ("auto", "on", "crop", "mask", "off")
 # Defaults chosen by `vsearch eval` (README, "Quality"): not guesses.
 DEFAULT_POOLING = "avg"
 DEFAULT_WHITENING = True
+# VSEARCH_WHITENING: a yes/no value, or which whitening: "pca" (fitted on the catalog) or "learned" (the one
+# `vsearch train` ships beside its weights). Yes ("auto") takes the learned one where the weights have it.
+WHITENING_METHODS = ("auto", "pca", "learned")
 # Principal directions the whitening keeps in the index (0: all of the pooled vector's 512). 256 halves the
 # Annoy index and its distance cost, within noise in `vsearch eval` (README, Quality and Performance).
 DEFAULT_INDEX_DIMS = 256
@@ -34,6 +37,7 @@ class EngineSettings:
     catalog: str | None = None
     pooling: str = DEFAULT_POOLING
     whitening: bool = DEFAULT_WHITENING
+    whitening_method: str = "auto"  # one of WHITENING_METHODS (used when `whitening` is on)
     index_dims: int = DEFAULT_INDEX_DIMS  # dims the whitening keeps (0 = all); without whitening, all are kept
     image_size: int = 224
     threads: int = 0  # 0 = auto: all cores but one (see FeatureExtractor)
@@ -68,6 +72,13 @@ class EngineSettings:
             raise SettingsError("VSEARCH_INDEX_DIMS", f"{index_dims} is below {MIN_INDEX_DIMS} (0 keeps all dims)")
         if pooling not in POOLINGS:
             raise SettingsError("VSEARCH_POOLING", f"{pooling!r} is not one of {', '.join(POOLINGS)}")
+        whitening, whitening_method = parse_whitening({**card, **env})
+        if whitening_method == "learned" and not learned_whitening_file(weights).is_file():
+            raise SettingsError(
+                "VSEARCH_WHITENING",
+                f"'learned', but the weights {weights} have no learned whitening ({learned_whitening_file(weights)}); "
+                "use weights written by `vsearch train`, or set it to true (PCA)",
+            )
         localize = env.get("VSEARCH_LOCALIZE", "auto").strip().lower() or "auto"
         if localize not in LOCALIZE_MODES:
             raise SettingsError("VSEARCH_LOCALIZE", f"{localize!r} is not one of {', '.join(LOCALIZE_MODES)}")
@@ -78,7 +89,8 @@ class EngineSettings:
             top_k=parse_int(env, "VSEARCH_TOP_K", 5, low=1, high=50),
             catalog=env.get("VSEARCH_CATALOG", "").strip() or None,
             pooling=pooling,
-            whitening=parse_bool({**card, **env}, "VSEARCH_WHITENING", DEFAULT_WHITENING),
+            whitening=whitening,
+            whitening_method=whitening_method,
             index_dims=index_dims,
             image_size=parse_int({**card, **env}, "VSEARCH_IMAGE_SIZE", 224, low=32, high=1024),
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
@@ -121,6 +133,22 @@ def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: i
     if not low <= value <= high:
         raise SettingsError(name, f"{value} is outside {low}..{high}")
     return value
+
+
+def parse_whitening(env: Mapping[str, str]) -> tuple[bool, str]:
+    """VSEARCH_WHITENING -> (on, method): yes/no values as before, or "pca" / "learned" (on, that method)."""
+    raw = env.get("VSEARCH_WHITENING", "").strip().lower()
+    if raw in WHITENING_METHODS:
+        return True, raw
+    try:
+        return parse_bool(env, "VSEARCH_WHITENING", DEFAULT_WHITENING), "auto"
+    except SettingsError:
+        raise SettingsError("VSEARCH_WHITENING", f"{raw!r} is not true, false, pca or learned") from None
+
+
+def learned_whitening_file(weights: str) -> Path:
+    """Where `vsearch train` puts the learned whitening of a weights file (engine.learned_whitening)."""
+    return Path(weights).with_suffix(".whitening.npz")
 
 
 def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from engine.augment import TRAIN_PARAMS, clean_crop, foreground_mask, photo_like_with_mask
 from engine.errors import CatalogError, ImageRejected, VsearchError, WeightsError
 from engine.evaluate import PLACEHOLDER_URL, product_label, run_eval, sample_products, split_products
-from engine.features import DEFAULT_LOCALIZATION, cpu_has_native_bf16, preprocess
+from engine.features import DEFAULT_LOCALIZATION, FeatureExtractor, cpu_has_native_bf16, preprocess
 from engine.images import load_image_file
+from engine.learned_whitening import fit_learned_whitening, save_learned_whitening
 from engine.localize import (
     MASK_PREFIX,
     MASK_STRIDE,
@@ -44,6 +45,7 @@ from engine.localize import (
     up_to_block,
 )
 from engine.pooling import gem_pool
+from engine.settings import learned_whitening_file
 from engine.weights import file_sha256, load_weights, random_features, vgg16_features
 from indexer.catalog import Catalog, parse_column_map, read_catalog
 
@@ -110,6 +112,7 @@ class TrainConfig:
     feature_block: int = 4  # the conv block the index pools (model card: VSEARCH_FEATURE_BLOCK)
     loss_block: int = 5  # the conv block whose GeM the loss trains
     cache_mb: int = 1024
+    whitening_products: int = 300  # training products whose pairs fit the learned whitening (0: none)
     progress: bool = True
 
     def validate(self) -> None:
@@ -124,6 +127,8 @@ class TrainConfig:
             (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
             (self.val_limit is None or self.val_limit >= 2, f"--val-limit must be at least 2, got {self.val_limit}"),
             (self.cache_mb >= 0, f"--cache-mb must be 0 or more, got {self.cache_mb}"),
+            (self.whitening_products == 0 or self.whitening_products >= 2,
+             f"--whitening-products must be 0 or at least 2, got {self.whitening_products}"),
             (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
             (self.category_weight >= 0, f"--category-weight must be 0 or more, got {self.category_weight}"),
             (self.feature_block in (4, 5), f"--feature-block must be 4 or 5, got {self.feature_block}"),
@@ -554,6 +559,7 @@ class TrainState:
     best_epoch: int = 0
     best: dict[str, float | None] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    learned_whitening: dict[str, Any] | None = None  # what `fit_whitening` wrote, for the model card
     status: str = "running"
 
 
@@ -731,6 +737,7 @@ def train(config: TrainConfig) -> TrainResult:
                                      "(engine.evaluate); picks the best epoch, so report figures on the split's "
                                      "`test` products",
                            "before": state.before, "after": state.best},
+            "learned_whitening": state.learned_whitening,
             "history": state.history,
             "wall_seconds": round(state.seconds, 1),
             "minutes_budget": config.minutes,
@@ -746,6 +753,10 @@ def train(config: TrainConfig) -> TrainResult:
                       "proxies": proxies.detach().cpu() if proxies is not None else None,
                       "category_proxies": category.proxies.detach().cpu() if category else None}, ckpt_path)
 
+    # After the last epoch come the learned whitening's pairs (3 images per product, as a validation pass
+    # embeds 3 per validation product) and one more validation pass: the time budget keeps room for both.
+    whitening_products = min(config.whitening_products, len(train_products))
+    final_passes = (1 + whitening_products / max(len(val_ids), 1)) if whitening_products else 0.0
     interrupted = False
     try:
         last_val_seconds = state.history[-1]["val_seconds"] if state.history else 0.0
@@ -761,7 +772,7 @@ def train(config: TrainConfig) -> TrainResult:
             save_checkpoint()
         model.train()
         for epoch in range(state.epochs_done + 1, config.epochs + 1):
-            if budget is not None and elapsed() + last_val_seconds >= budget:
+            if budget is not None and elapsed() + last_val_seconds * (1 + final_passes) >= budget:
                 log.info("time budget of %.1f min reached", config.minutes)
                 break
             epoch_start = time.perf_counter()
@@ -793,7 +804,7 @@ def train(config: TrainConfig) -> TrainResult:
                     postfix["left"] = f"{max(0.0, budget - elapsed()) / 60:.1f}min"
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if budget is not None and elapsed() + last_val_seconds >= budget:
+                if budget is not None and elapsed() + last_val_seconds * (1 + final_passes) >= budget:
                     out_of_time = True
                     break
             bar.close()
@@ -820,6 +831,14 @@ def train(config: TrainConfig) -> TrainResult:
             if out_of_time:
                 log.info("time budget of %.1f min reached", config.minutes)
                 break
+        if whitening_products:
+            state.learned_whitening = fit_whitening(
+                out / WEIGHTS, sample_products(train_products, whitening_products, config.seed),
+                {p: train_images[by_product[p][0]].source for p in train_products}, val_catalog, val_size, config)
+            log.info("learned whitening on %d training products: validation %s (PCA whitening: %s)",
+                     whitening_products, _fmt_metrics(state.learned_whitening["validation"]["learned"]),
+                     _fmt_metrics(state.learned_whitening["validation"]["pca"]))
+            save_checkpoint()  # its time and card entry carry over to a resumed run
         state.status = "done"
     except KeyboardInterrupt:
         interrupted = True
@@ -828,6 +847,27 @@ def train(config: TrainConfig) -> TrainResult:
     state.seconds = elapsed()
     _write_json_atomic(card(), out / CARD)
     return TrainResult(out / WEIGHTS, out / CARD, ckpt_path, state, interrupted)
+
+
+def fit_whitening(
+    weights: Path, products: Sequence[str], source_of: Mapping[str, str], val_catalog: Path, image_size: int,
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """Fit the learned whitening of `weights` (engine.learned_whitening) on pairs of `products` (one catalog
+    image each), write it beside them, and validate the weights with it and with PCA whitening: the card's entry."""
+    extractor = FeatureExtractor(str(weights), "auto", image_size=image_size, feature_block=config.feature_block)
+    learned = fit_learned_whitening(extractor, [source_of[p] for p in products], len(products), config.seed,
+                                    config.progress)
+    path = learned_whitening_file(str(weights))
+    sha256 = save_learned_whitening(learned, path)
+    report = run_eval(val_catalog, extractor=extractor, seed=config.seed, poolings=("gem",), whitening=(True,),
+                      include_seed_baseline=False, queries=("photo", "clean"), localize=extractor.localizes,
+                      learned_whitening=learned.projection, progress=False)
+    by_name = {m.method: m.metrics for m in report.methods}
+    keys = ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")
+    return {"file": path.name, "sha256": sha256, **asdict(learned.info),
+            "validation": {name: {k: by_name[method].get(k) for k in keys}
+                           for name, method in (("learned", "gem+lwhite"), ("pca", "gem+white"))}}
 
 
 def _device_name(device: torch.device) -> str:
@@ -872,6 +912,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "better than 5 on the README run's validation products, README: Training)")
     parser.add_argument("--loss-block", type=int, choices=(4, 5), default=5,
                         help="conv block whose GeM the loss trains (default 5; README: Training)")
+    parser.add_argument("--whitening-products", type=int, default=TrainConfig.whitening_products,
+                        help="training products whose catalog image and two photo-like views fit the learned "
+                        "whitening written beside the weights (default 300; 0: none; README: Training)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -901,6 +944,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_limit=args.val_limit,
         feature_block=args.feature_block,
         loss_block=args.loss_block,
+        whitening_products=args.whitening_products,
     )
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:
@@ -911,6 +955,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{s.status}: {s.epochs_done} epoch(s) in {s.seconds / 60:.1f} min; best epoch {s.best_epoch}")
     print(f"validation before: {_fmt_metrics(s.before)}")
     print(f"validation best:   {_fmt_metrics(s.best)}")
+    if s.learned_whitening:
+        print(f"learned whitening: {s.learned_whitening['file']} ({s.learned_whitening['pairs']} pairs); validation "
+              f"{_fmt_metrics(s.learned_whitening['validation']['learned'])}")
     print(f"weights: {result.weights}\nmodel card: {result.card}")
     print(f"use them: VSEARCH_WEIGHTS={result.weights} vsearch index CATALOG")
     return EXIT_INTERRUPTED if result.interrupted else 0

@@ -18,7 +18,7 @@ from engine.errors import BuildFailed, ImageRejected
 from engine.features import FeatureExtractor
 from engine.images import load_image
 from engine.index import IndexStore, Manifest, write_version_files
-from engine.pooling import Whitening
+from engine.learned_whitening import index_whitening
 from engine.settings import EngineSettings
 from engine.types import Product
 from indexer.catalog import Catalog, ImageRef, RowError, read_catalog, write_errors_file
@@ -188,9 +188,7 @@ def build_index(
     matrix = np.stack([vectors_by_ref[i] for i in order]).astype(np.float32)
     image_rows = [(catalog.images[i].product_id, catalog.images[i].source) for i in order]
     products = _indexed_products(catalog, image_rows)
-    whitening = (
-        Whitening.fit(matrix, dims=settings.index_dims or None) if settings.whitening and len(matrix) >= 2 else None
-    )
+    whitening, whitening_method = index_whitening(matrix, settings, extractor)
     if whitening is not None:
         matrix = whitening.apply(matrix)
 
@@ -204,6 +202,7 @@ def build_index(
             arch=extractor.arch,
             pooling=pooling,
             whitening=whitening is not None,
+            whitening_method=whitening_method,
             image_size=extractor.image_size,
             dims=int(matrix.shape[1]),
             products=len(products),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from engine.features import preprocess
 from engine.localize import CleanupParams, MaskHead, mask_target
-from engine.settings import EngineSettings
+from engine.settings import EngineSettings, learned_whitening_file
 from engine.train import (
     CARD,
     CHECKPOINT,
@@ -204,6 +204,44 @@ def test_weights_load_and_an_index_built_with_them_answers(run, catalog: Path, t
     assert searcher.manifest.framing == "product" and len(searcher.search(query, 3).matches) == 3
     with pytest.raises(ReindexRequired, match="framing"):
         Searcher(settings).search(query, 3)
+
+
+def test_a_learned_whitening_is_fitted_beside_the_weights_and_the_index_uses_it(
+    run, catalog: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, result = run
+    path = learned_whitening_file(str(result.weights))
+    assert path.is_file()
+    entry = json.loads((Path(config.out) / CARD).read_text())["learned_whitening"]
+    # All 6 training products (fewer than --whitening-products), two photo-like views each.
+    assert (entry["file"], entry["products"], entry["pairs"]) == (path.name, 6, 12)
+    assert (entry["image_size"], entry["feature_block"], entry["framing"]) == (index_image_size(SIZE), 4, "masked")
+    assert entry["weights_id"] == load_weights(str(result.weights)).weights_id
+    for method in ("learned", "pca"):
+        assert entry["validation"][method]["clean_r5"] is not None
+
+    env = {"VSEARCH_WEIGHTS": str(result.weights), "VSEARCH_DATA_DIR": str(tmp_path / "data"),
+           "VSEARCH_PRECISION": "fp32"}
+    settings = EngineSettings.from_env(env)  # the card's settings, which the whitening was fitted with
+    build_index(catalog, settings)
+    from engine.search import Searcher
+
+    searcher = Searcher(settings)
+    assert searcher.manifest.whitening_method == "learned"
+    query = (catalog.parent / "images" / "demo-003-1.jpg").read_bytes()
+    assert len(searcher.search(query, 3).matches) == 3
+    build_index(catalog, dataclasses.replace(settings, whitening_method="pca"))
+    assert Searcher(settings).manifest.whitening_method == "pca"
+    # Vectors of another size do not fit it: PCA instead, with a warning; asked for explicitly, an error.
+    other_size = dataclasses.replace(settings, image_size=SIZE)
+    with caplog.at_level("WARNING", logger="engine.learned_whitening"):
+        build_index(catalog, other_size)
+    assert Searcher(other_size).manifest.whitening_method == "pca"
+    assert f"image size {index_image_size(SIZE)} (now {SIZE})" in caplog.text
+    from engine.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="VSEARCH_WHITENING"):
+        build_index(catalog, dataclasses.replace(other_size, whitening_method="learned"))
 
 
 def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path, capsys) -> None:

@@ -138,11 +138,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from engine.evaluate import run_eval
     from engine.features import FeatureExtractor
+    from engine.learned_whitening import matching_learned_whitening
     from indexer.catalog import parse_column_map
 
     settings = _settings()
     split = read_split_file(Path(args.split_file)) if args.split_file else args.eval_split
     extractor = FeatureExtractor.from_settings(settings)
+    learned, _ = matching_learned_whitening(settings.weights, extractor, "gem")
     report = run_eval(
         args.catalog,
         extractor=extractor,
@@ -153,6 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split=split,
         localize=extractor.localizes,
         white_dims=(None, settings.index_dims or None),  # full dims and the index's (VSEARCH_INDEX_DIMS)
+        learned_whitening=learned.projection if learned else None,  # rows "gem+lwhite"
     )
     markdown = report.to_markdown()
     print(markdown)

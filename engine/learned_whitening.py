@@ -1,0 +1,177 @@
+"""The whitening `vsearch train` ships beside its weights, learned from pairs of images of the same product.
+
+Each pair is a training product's catalog image, embedded as the index embeds it, and a phone-photo-like view
+of it (training augmentations, on a cluttered or on its own background), embedded as `Searcher.search` embeds a
+shopper's photo. `engine.pooling.learned_projection` turns the pairs into a projection that damps what differs
+between the two; the index centres its catalog and applies it instead of a PCA whitening of the catalog.
+The file lies beside the weights (`weights.whitening.npz` for `weights.pth`) and records the settings it was
+fitted with: it only fits vectors embedded the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.augment import TRAIN_PARAMS, photo_like
+from engine.errors import SettingsError
+from engine.features import FeatureExtractor
+from engine.images import ImageRejected, load_image_file
+from engine.pooling import Whitening, learned_projection
+from engine.settings import EngineSettings, learned_whitening_file
+
+log = logging.getLogger(__name__)
+
+POOLING = "gem"  # the pooling `vsearch train` trains and its model card gives
+SHRINKAGE = 0.1
+# The query views of each product: the shopper's photo on a busy background, and on the product's own.
+PAIR_VIEWS = (("cluttered", True), ("plain", False))
+MAX_SIDE = 512  # training images are decoded at most this large (the eval's images are too)
+
+
+@dataclass(frozen=True)
+class LearnedWhiteningInfo:
+    """What a learned whitening was fitted with; vectors embedded otherwise do not fit it."""
+
+    weights_id: str
+    image_size: int
+    feature_block: int
+    framing: str
+    pooling: str
+    products: int
+    pairs: int
+    shrinkage: float
+    seed: int
+
+    def mismatch(self, weights_id: str, image_size: int, feature_block: int, framing: str, pooling: str) -> str | None:
+        """Why vectors of these settings do not fit this whitening; None when they do."""
+        wanted = {"weights": weights_id, "image size": image_size, "conv block": feature_block, "framing": framing,
+                  "pooling": pooling}
+        fitted = {"weights": self.weights_id, "image size": self.image_size, "conv block": self.feature_block,
+                  "framing": self.framing, "pooling": self.pooling}
+        same = {k: wanted[k] == fitted[k] for k in wanted}
+        # The weights' content counts, not their file name ("file:NAME:SHA256PREFIX").
+        same["weights"] = weights_id.rsplit(":", 1)[-1] == self.weights_id.rsplit(":", 1)[-1]
+        diffs = [f"{k} {fitted[k]} (now {wanted[k]})" for k in wanted if not same[k]]
+        return "fitted with " + ", ".join(diffs) if diffs else None
+
+
+@dataclass(frozen=True)
+class LearnedWhitening:
+    projection: np.ndarray  # (D, D)
+    info: LearnedWhiteningInfo
+
+    def fit_catalog(self, vectors: np.ndarray, dims: int | None) -> Whitening:
+        return Whitening.fit(vectors, dims=dims, learned=self.projection)
+
+
+def pair_vectors(
+    extractor: FeatureExtractor, sources: Sequence[str], seed: int, batch_size: int = 16, progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(anchors, positives, images used): one pair per image and query view; unreadable images are left out."""
+    anchors: list[np.ndarray] = []
+    positives: list[np.ndarray] = []
+    used = 0
+    with tqdm(total=len(sources), desc="learned whitening", unit="img", disable=not progress) as bar:
+        for start in range(0, len(sources), batch_size):
+            batch = sources[start : start + batch_size]
+            images, keys = [], []
+            for n, source in enumerate(batch, start):
+                try:
+                    img = load_image_file(source, draft_size=MAX_SIDE)
+                except (ImageRejected, OSError) as exc:
+                    log.warning("learned whitening: %s left out (%s)", source, exc)
+                    continue
+                img.thumbnail((MAX_SIDE, MAX_SIDE))
+                images.append(img.convert("RGB"))
+                keys.append(f"{n}:{source}")
+            if images:
+                used += len(images)
+                catalog = extractor.embed([extractor.frame_catalog_image(im) for im in images], POOLING)
+                for kind, clutter in PAIR_VIEWS:
+                    views = [photo_like(im, TRAIN_PARAMS.rng(seed, f"whiten:{kind}:{key}"), clutter=clutter,
+                                        params=TRAIN_PARAMS) for im, key in zip(images, keys, strict=True)]
+                    anchors.append(catalog)
+                    positives.append(extractor.embed_queries(views, POOLING))
+            bar.update(len(batch))
+    if not anchors:
+        raise ValueError("learned whitening: none of the images could be read")
+    return np.concatenate(anchors), np.concatenate(positives), used
+
+
+def fit_learned_whitening(
+    extractor: FeatureExtractor, sources: Sequence[str], products: int, seed: int, progress: bool = True,
+) -> LearnedWhitening:
+    """Fit on `sources` (catalog images of `products` training products) embedded by `extractor`."""
+    anchors, positives, _ = pair_vectors(extractor, sources, seed, progress=progress)
+    info = LearnedWhiteningInfo(
+        weights_id=extractor.weights_id, image_size=extractor.image_size, feature_block=extractor.feature_block,
+        framing=extractor.framing, pooling=POOLING, products=products, pairs=len(anchors), shrinkage=SHRINKAGE,
+        seed=seed,
+    )
+    return LearnedWhitening(learned_projection(anchors, positives, SHRINKAGE), info)
+
+
+def save_learned_whitening(learned: LearnedWhitening, path: Path) -> str:
+    """Write atomically; returns the file's sha256."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, projection=learned.projection, **{k: np.asarray(v) for k, v in asdict(learned.info).items()})
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_learned_whitening(weights: str) -> LearnedWhitening | None:
+    """The learned whitening beside a weights file; None for "imagenet", "random" or weights without one."""
+    if weights in ("imagenet", "random"):
+        return None
+    path = learned_whitening_file(weights)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            fields = {k: data[k].item() for k in LearnedWhiteningInfo.__dataclass_fields__}
+            projection = data["projection"].astype(np.float32)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"the learned whitening {path} cannot be read ({exc})") from None
+    if projection.ndim != 2 or projection.shape[0] != projection.shape[1]:
+        raise ValueError(f"the learned whitening {path} holds no square projection")
+    return LearnedWhitening(projection, LearnedWhiteningInfo(**fields))
+
+
+def index_whitening(
+    matrix: np.ndarray, settings: EngineSettings, extractor: FeatureExtractor
+) -> tuple[Whitening | None, str]:
+    """The whitening an index build applies, and which ("learned", "pca" or "off"): the learned one where
+    VSEARCH_WHITENING allows it and the weights carry one fitted with the engine's settings, else PCA."""
+    if not settings.whitening or len(matrix) < 2:
+        return None, "off"
+    dims = settings.index_dims or None
+    if settings.whitening_method in ("auto", "learned"):
+        learned, why = matching_learned_whitening(settings.weights, extractor, settings.pooling)
+        if learned is not None:
+            return learned.fit_catalog(matrix, dims), "learned"
+        if why is not None and settings.whitening_method == "learned":
+            raise SettingsError("VSEARCH_WHITENING", f"'learned', but the learned whitening was {why}; "
+                                "set the engine back to those settings, or VSEARCH_WHITENING=pca")
+        if why is not None:
+            log.warning("the learned whitening beside the weights was %s: PCA whitening instead", why)
+    return Whitening.fit(matrix, dims=dims), "pca"
+
+
+def matching_learned_whitening(
+    weights: str, extractor: FeatureExtractor, pooling: str
+) -> tuple[LearnedWhitening | None, str | None]:
+    """(the weights' learned whitening, None) where it fits what `extractor` embeds with `pooling`;
+    (None, why not) where it does not; (None, None) where the weights have none."""
+    learned = load_learned_whitening(weights)
+    if learned is None:
+        return None, None
+    why = learned.info.mismatch(extractor.weights_id, extractor.image_size, extractor.feature_block,
+                                extractor.framing, pooling)
+    return (None, why) if why else (learned, None)

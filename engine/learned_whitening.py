@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.augment import TRAIN_PARAMS, photo_like
-from engine.errors import SettingsError
+from engine.errors import CatalogError, SettingsError, WeightsError
 from engine.features import FeatureExtractor
 from engine.images import ImageRejected, load_image_file
 from engine.pooling import Whitening, learned_projection
@@ -73,11 +73,10 @@ class LearnedWhitening:
 
 def pair_vectors(
     extractor: FeatureExtractor, sources: Sequence[str], seed: int, batch_size: int = 16, progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(anchors, positives, images used): one pair per image and query view; unreadable images are left out."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(anchors, positives): one pair per image and query view; unreadable images are left out."""
     anchors: list[np.ndarray] = []
     positives: list[np.ndarray] = []
-    used = 0
     with tqdm(total=len(sources), desc="learned whitening", unit="img", disable=not progress) as bar:
         for start in range(0, len(sources), batch_size):
             batch = sources[start : start + batch_size]
@@ -92,7 +91,6 @@ def pair_vectors(
                 images.append(img.convert("RGB"))
                 keys.append(f"{n}:{source}")
             if images:
-                used += len(images)
                 catalog = extractor.embed([extractor.frame_catalog_image(im) for im in images], POOLING)
                 for kind, clutter in PAIR_VIEWS:
                     views = [photo_like(im, TRAIN_PARAMS.rng(seed, f"whiten:{kind}:{key}"), clutter=clutter,
@@ -101,15 +99,16 @@ def pair_vectors(
                     positives.append(extractor.embed_queries(views, POOLING))
             bar.update(len(batch))
     if not anchors:
-        raise ValueError("learned whitening: none of the images could be read")
-    return np.concatenate(anchors), np.concatenate(positives), used
+        raise CatalogError(f"none of the {len(sources)} images chosen for the learned whitening could be read",
+                           "Check the catalog's image files, or train with --whitening-products 0.")
+    return np.concatenate(anchors), np.concatenate(positives)
 
 
 def fit_learned_whitening(
     extractor: FeatureExtractor, sources: Sequence[str], products: int, seed: int, progress: bool = True,
 ) -> LearnedWhitening:
     """Fit on `sources` (catalog images of `products` training products) embedded by `extractor`."""
-    anchors, positives, _ = pair_vectors(extractor, sources, seed, progress=progress)
+    anchors, positives = pair_vectors(extractor, sources, seed, progress=progress)
     info = LearnedWhiteningInfo(
         weights_id=extractor.weights_id, image_size=extractor.image_size, feature_block=extractor.feature_block,
         framing=extractor.framing, pooling=POOLING, products=products, pairs=len(anchors), shrinkage=SHRINKAGE,
@@ -126,6 +125,10 @@ def save_learned_whitening(learned: LearnedWhitening, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_REDO = ("Fit it again (`benchmarks/learned_whitening.py`, or train again), or delete the file: the index then "
+         "uses PCA whitening.")
+
+
 def load_learned_whitening(weights: str) -> LearnedWhitening | None:
     """The learned whitening beside a weights file; None for "imagenet", "random" or weights without one."""
     if weights in ("imagenet", "random"):
@@ -138,9 +141,9 @@ def load_learned_whitening(weights: str) -> LearnedWhitening | None:
             fields = {k: data[k].item() for k in LearnedWhiteningInfo.__dataclass_fields__}
             projection = data["projection"].astype(np.float32)
     except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"the learned whitening {path} cannot be read ({exc})") from None
+        raise WeightsError(f"the learned whitening {path} cannot be read ({exc})", _REDO) from None
     if projection.ndim != 2 or projection.shape[0] != projection.shape[1]:
-        raise ValueError(f"the learned whitening {path} holds no square projection")
+        raise WeightsError(f"the learned whitening {path} holds no square projection", _REDO)
     return LearnedWhitening(projection, LearnedWhiteningInfo(**fields))
 
 

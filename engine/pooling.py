@@ -82,14 +82,14 @@ def raw_flat(maps: torch.Tensor) -> np.ndarray:
     return _to_numpy(F.max_pool2d(maps.float(), 2).flatten(1))
 
 
-def _inverse_sqrt(cov: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues descending, cov^-1/2 as eigenvectors scaled column-wise) with `shrinkage` x the mean
-    eigenvalue added to every eigenvalue, so that near-zero directions are not blown up into noise."""
+def _inverse_sqrt(cov: np.ndarray, shrinkage: float) -> np.ndarray:
+    """cov^-1/2 as its eigenvectors, largest eigenvalue first, each scaled by 1/sqrt(eigenvalue + `shrinkage` x
+    the mean eigenvalue), so that near-zero directions are not blown up into noise."""
     eigvals, eigvecs = np.linalg.eigh(cov)
     order = np.argsort(eigvals)[::-1]
     eigvals, eigvecs = np.maximum(eigvals[order], 0), eigvecs[:, order]
     shrink = shrinkage * max(float(eigvals.mean()), 1e-12)
-    return eigvals, eigvecs / np.sqrt(eigvals + shrink)
+    return eigvecs / np.sqrt(eigvals + shrink)
 
 
 def learned_projection(anchors: np.ndarray, positives: np.ndarray, shrinkage: float = 0.1) -> np.ndarray:
@@ -101,7 +101,7 @@ def learned_projection(anchors: np.ndarray, positives: np.ndarray, shrinkage: fl
     if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
         raise ValueError(f"learned whitening needs 2 or more pairs of equal shape, got {a.shape} and {b.shape}")
     diff = b - a
-    return _inverse_sqrt(diff.T @ diff / len(diff), shrinkage)[1].astype(np.float32)
+    return _inverse_sqrt(diff.T @ diff / len(diff), shrinkage).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Whitening:
                 _, rotation = np.linalg.eigh(projected.T @ projected)
                 projection = projection @ rotation[:, ::-1][:, :keep]
             return cls(mean=mean.astype(np.float32), projection=projection.astype(np.float32))
-        eigvals, projection = _inverse_sqrt(centred.T @ centred / (x.shape[0] - 1), shrinkage)
+        projection = _inverse_sqrt(centred.T @ centred / (x.shape[0] - 1), shrinkage)
         return cls(mean=mean.astype(np.float32), projection=projection[:, :keep].astype(np.float32))
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:

@@ -77,7 +77,7 @@ class EngineSettings:
             raise SettingsError(
                 "VSEARCH_WHITENING",
                 f"'learned', but the weights {weights} have no learned whitening ({learned_whitening_file(weights)}); "
-                "use weights written by `vsearch train`, or set it to true (PCA)",
+                "use weights written by `vsearch train`, or set it to pca",
             )
         localize = env.get("VSEARCH_LOCALIZE", "auto").strip().lower() or "auto"
         if localize not in LOCALIZE_MODES:

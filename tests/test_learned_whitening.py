@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.errors import SettingsError
+from engine.errors import SettingsError, WeightsError
 from engine.learned_whitening import (
     LearnedWhitening,
     LearnedWhiteningInfo,
@@ -93,7 +93,7 @@ def test_the_file_beside_the_weights_round_trips(tmp_path):
     assert loaded is not None and loaded.info == info()
     np.testing.assert_array_equal(loaded.projection, projection)
     path.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(WeightsError, match="cannot be read"):
         load_learned_whitening(str(weights))
 
 

@@ -32,7 +32,7 @@ POOLING = "gem"  # the pooling `vsearch train` trains and its model card gives
 SHRINKAGE = 0.1
 # The query views of each product: the shopper's photo on a busy background, and on the product's own.
 PAIR_VIEWS = (("cluttered", True), ("plain", False))
-MAX_SIDE = 512  # training images are decoded at most this large (the eval's images are too)
+MAX_SIDE = 512  # larger catalog images are shrunk to this before augmenting (bounds the time per pair)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,6 @@ class LearnedWhitening:
     projection: np.ndarray  # (D, D)
     info: LearnedWhiteningInfo
 
-    def fit_catalog(self, vectors: np.ndarray, dims: int | None) -> Whitening:
-        return Whitening.fit(vectors, dims=dims, learned=self.projection)
-
 
 def pair_vectors(
     extractor: FeatureExtractor, sources: Sequence[str], seed: int, batch_size: int = 16, progress: bool = True,
@@ -158,7 +155,7 @@ def index_whitening(
     if settings.whitening_method in ("auto", "learned"):
         learned, why = matching_learned_whitening(settings.weights, extractor, settings.pooling)
         if learned is not None:
-            return learned.fit_catalog(matrix, dims), "learned"
+            return Whitening.fit(matrix, dims=dims, learned=learned.projection), "learned"
         if why is not None and settings.whitening_method == "learned":
             raise SettingsError("VSEARCH_WHITENING", f"'learned', but the learned whitening was {why}; "
                                 "set the engine back to those settings, or VSEARCH_WHITENING=pca")

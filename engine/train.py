@@ -75,6 +75,7 @@ MASK_LOSS_WEIGHT = 1.0  # the mask head's BCE beside the contrastive loss
 INDEX_SETTINGS = {"VSEARCH_POOLING": "gem", "VSEARCH_WHITENING": True, "VSEARCH_INDEX_DIMS": 0}
 WARMUP = 0.05  # share of the schedule with a linearly rising learning rate
 EXIT_INTERRUPTED = 130
+VAL_METRICS = ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")  # what validation reports
 
 
 def index_image_size(train_size: int) -> int:
@@ -510,7 +511,7 @@ def validate(
         model.train(was_training)
     by_name = {m.method: m.metrics for m in report.methods}
     metrics = by_name.get("gem+white") or by_name["gem"]  # whitening needs 2+ validation images
-    return {k: metrics.get(k) for k in ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")}
+    return {k: metrics.get(k) for k in VAL_METRICS}
 
 
 def val_score(metrics: Mapping[str, float | None]) -> tuple[float, float]:
@@ -864,9 +865,8 @@ def fit_whitening(
                       include_seed_baseline=False, queries=("photo", "clean"), localize=extractor.localizes,
                       learned_whitening=learned.projection, progress=False)
     by_name = {m.method: m.metrics for m in report.methods}
-    keys = ("photo_r1", "photo_r5", "clean_r1", "clean_r5", "category_p5")
     return {"file": path.name, "sha256": sha256, **asdict(learned.info),
-            "validation": {name: {k: by_name[method].get(k) for k in keys}
+            "validation": {name: {k: by_name[method].get(k) for k in VAL_METRICS}
                            for name, method in (("learned", "gem+lwhite"), ("pca", "gem+white"))}}
 
 

@@ -1,6 +1,6 @@
 """Measure CPU levers for the VGG16 conv stack: precision, layout, threads, batch, JIT, torch.compile, decoding.
 
-Run: .venv/bin/python benchmarks/model_levers.py [--sections model,batch,threads,omp_wait,decode,overlap,cast]
+Run: .venv/bin/python benchmarks/model_levers.py [--sections model,batch,threads,omp_wait,decode,overlap,cast,prepack]
      [--seconds 4] [--threads N] [--skip-compile]
 
 On a shared, noisy machine the variants of a section are timed round-robin (one call each in turn) and
@@ -42,10 +42,11 @@ from engine.pooling import pool  # noqa: E402
 from engine.weights import load_weights  # noqa: E402
 from indexer.demo import COLOURS, STYLES, draw_shoe  # noqa: E402
 
-SECTIONS = ("model", "batch", "threads", "omp_wait", "decode", "overlap", "cast")
+SECTIONS = ("model", "batch", "threads", "omp_wait", "decode", "overlap", "cast", "prepack")
 SIZE = DEFAULT_IMAGE_SIZE
 CL = torch.channels_last
-ENGINE = "engine today: eager, bf16 weights, channels_last"
+ENGINE = "eager, bf16 weights, channels_last (the engine before prepacking)"
+PACKED = "engine today: prepacked, bf16 weights, channels_last"
 
 
 def load() -> str:
@@ -87,7 +88,7 @@ def gem_cosine(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def header() -> None:
-    print("| lever | config | images/s | vs engine today | GeM cosine vs fp32 (min) | note |")
+    print("| lever | config | images/s | vs eager, bf16 weights | GeM cosine vs fp32 (min) | note |")
     print("|---|---|---|---|---|---|", flush=True)
 
 
@@ -359,6 +360,41 @@ def section_overlap(seconds: float, n: int = 48, batch: int = 16) -> None:
     for name, median in medians.items():
         print(f"| decode/model overlap | {name}, {n} JPEGs 400px, batch {batch} | {n / median:.2f} | - | - | "
               f"decode alone {decode_ips:.0f} img/s; {load()} |", flush=True)
+
+
+def packed(precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The engine's path: bf16 (or fp32) weights packed once for oneDNN, ReLUs fused (engine.prepack)."""
+    from engine.features import fold_batch_norm
+    from engine.prepack import pack_conv_stack
+
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    model = pack_conv_stack(fold_batch_norm(conv_stack()).to(memory_format=CL).to(dtype), SIZE)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.contiguous(memory_format=CL).to(dtype)).float()
+
+    return fn
+
+
+def section_prepack(seconds: float) -> None:
+    """Weights packed once for oneDNN (the engine today) against eager convolutions, which hand oneDNN the
+    plain weights to reorder on every call; at the index sizes in use, batch 1 (a search) and 4 (the indexer)."""
+    global SIZE
+    default = SIZE
+    try:
+        for size in (112, 160, 224):
+            SIZE = size
+            for batch in (1, 4):
+                x = inputs(batch)
+                ref = eager("fp32")(x)
+                fns = {ENGINE: eager("bf16 weights"), PACKED: packed("bf16 weights"),
+                       "prepacked, fp32": packed("fp32"), "eager, fp32, channels_last": eager("fp32")}
+                cosines = {name: gem_cosine(ref, fn(x)) for name, fn in fns.items()}
+                medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
+                report("prepack", batch, medians, cosines, {name: f"{size} px; {load()}" for name in medians})
+    finally:
+        SIZE = default
 
 
 def section_cast(seconds: float) -> None:

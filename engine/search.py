@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 # Annoy nodes inspected per query; bench shows recall@10 against brute force at these settings.
 SEARCH_K_PER_ITEM = 100
-MIN_SEARCH_K = 8500
+MIN_SEARCH_K = 7500
 # Whitened vectors (the engine's default index) have a flat spectrum, which Annoy's random splits handle
-# badly: `vsearch bench` at 100k synthetic vectors, recall@10 0.78 at 8500 and 0.97 at 40000 (p50 1.6 vs
-# 6.9 ms, two runs): a few ms on a search of ~45 ms, for recall on large catalogs.
+# badly: `vsearch bench` at 100k synthetic vectors (50 trees then), recall@10 0.78 at 8500 and 0.97 at
+# 40000 (p50 1.6 vs 6.9 ms, two runs); with today's 100 trees 0.985 at 40000: a few ms on a search of
+# ~45 ms, for recall on large catalogs.
 MIN_SEARCH_K_WHITENED = 40000
 
 

@@ -62,8 +62,12 @@ class BuildReport:
 
 
 def annoy_trees(n_items: int) -> int:
-    """More trees, better recall; bench measures recall@10 at 100k items with this rule."""
-    return 50 if n_items >= 10_000 else 20
+    """More trees, better recall for the same search_k; bench measures recall@10 at 100k items with this rule.
+
+    100 rather than 50 trees from 10k images: at 100k, recall@10 0.954 at search_k 7500 against 0.953 at 8500
+    with 50 (plain vectors; whitened, as the engine's index is, 0.985 against 0.970 at 40000), for about 3 s
+    more build and 40% more index file (README, Performance)."""
+    return 100 if n_items >= 10_000 else 20
 
 
 def _decode(data: bytes, extractor: FeatureExtractor) -> np.ndarray:

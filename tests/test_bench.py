@@ -38,6 +38,7 @@ EXPECTED_METRICS = (
     "annoy_dims",
     "peak_rss_mb",
     "peak_rss_demo_mb",
+    "limit_matmul_gflops",
     "limit_images_per_s",
     "model_fraction_of_limit",
     "localize_p50_ms",
@@ -67,11 +68,16 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert math.isfinite(metrics[name]) and (name in differences or metrics[name] > 0), (name, metrics[name])
     quick = bench.BenchConfig.quick_config()
     assert metrics["pipeline_images"] == quick.images
+    trials = report["details"]["pipeline_trials"]
+    assert len(trials) == quick.pipeline_trials and metrics["pipeline_ratio"] == trials[0]["ratio"]
     # 2000 vectors with search_k 5000 is an exhaustive search: anything short of ~1 means a counting bug.
     assert metrics["annoy_recall_at_10"] >= 0.9
     assert metrics["annoy_whitened_recall_at_10"] >= 0.9  # the default engine whitens: measured too
     assert metrics["annoy_dims"] == bench.DIMS  # the engine's index dims (VSEARCH_INDEX_DIMS)
     assert metrics["model_best_batch"] in quick.batch_sizes
+    # The limit comes from the matmuls timed between the model's calls, not from the ones timed at the start.
+    assert metrics["limit_images_per_s"] == pytest.approx(metrics["limit_matmul_gflops"] / metrics["model_gflop_per_image"])
+    assert report["details"]["limit_matmul"].endswith("calls between the model's")
     assert set(report["details"]["model_by_batch"]) == {str(b) for b in quick.batch_sizes}
     assert report["details"]["rss_index"].startswith(f"{quick.vectors} images")
     assert report["details"]["rss_torch"] == report["details"]["rss_this_python_torch"] == torch.__version__
@@ -93,6 +99,12 @@ def test_quick_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "| # | measure | result | goal | met |" in table
     assert table.count("\n| ") >= 7  # header row + 6 goal rows
     assert not (tmp_path / "untouched").exists()  # the bench builds everything in its own temp folder
+
+
+def test_median_trial_is_the_middle_ratio_not_the_best():
+    trials = [{"ratio": 1.12, "n": 0}, {"ratio": 0.69, "n": 1}, {"ratio": 0.87, "n": 2}]
+    assert bench.median_trial(trials)["n"] == 2
+    assert bench.median_trial(trials[:1])["n"] == 0
 
 
 def test_bench_refuses_too_few_vectors(capsys):

@@ -1,0 +1,86 @@
+"""Category precision@5 on every category product outside the validation sample, and on disjoint parts of it.
+
+Run: .venv/bin/python benchmarks/category_full.py --categories /tmp/combined/categories_unseen.csv \
+        --choice RUN/categories_choice.csv --weights random RUN/weights.pth [--size 160] [--parts 3]
+`benchmarks/train_eval.py` reports category precision on a seeded sample of 1,000 products (the index holds
+those 1,000); `--products val` chose settings on 500 others (a seeded sample of `categories_choice.csv`, which
+`train_eval.py --products val` writes beside the split). This script leaves those 500 out and measures the
+rest: once with all of them in one index, and once per part (seeded shuffle, `--parts` disjoint parts of
+about the reported sample's size), so the spread between parts shows the noise of a 1,000-product figure.
+Each weights spec is measured as the engine uses it: at --size px, GeM of the model card's conv block, masked
+pooling where the weights carry a mask head; rows gem (no whitening), gem+white (PCA whitening fitted on the
+evaluated products) and gem+lwhite (the learned whitening beside the weights, where there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.evaluate import run_eval, sample_products  # noqa: E402
+from engine.features import FeatureExtractor  # noqa: E402
+from engine.learned_whitening import matching_learned_whitening  # noqa: E402
+from engine.settings import card_index_settings  # noqa: E402
+
+VALIDATION_SAMPLE, VALIDATION_SEED = 500, 1  # as benchmarks/train_eval.py --products val draws it
+
+
+def write_catalog(rows: list[dict[str, str]], path: Path) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--categories", type=Path, required=True, help="category catalog (products not trained on)")
+    parser.add_argument("--choice", type=Path, required=True, help="categories_choice.csv written by train_eval.py")
+    parser.add_argument("--weights", nargs="+", required=True, help="weights specs (anything VSEARCH_WEIGHTS takes)")
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--parts", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    rows = list(csv.DictReader(args.categories.open(encoding="utf-8", newline="")))
+    for row in rows:  # image paths relative to the catalog, as the catalog reader resolves them
+        if not Path(row["image"]).is_absolute():
+            row["image"] = str((args.categories.parent / row["image"]).resolve())
+    choice = [r["product_id"] for r in csv.DictReader(args.choice.open(encoding="utf-8", newline=""))]
+    validation = set(sample_products(choice, VALIDATION_SAMPLE, VALIDATION_SEED))
+    measured = [r for r in rows if r["product_id"] not in validation]
+    random.Random(7).shuffle(measured)
+    share = len(measured) // args.parts
+    with tempfile.TemporaryDirectory() as tmp:
+        catalogs = {"all": write_catalog(measured, Path(tmp) / "all.csv")}
+        for i in range(args.parts):
+            catalogs[f"part {i + 1}"] = write_catalog(measured[i * share : (i + 1) * share], Path(tmp) / f"part{i}.csv")
+        print(f"{len(rows)} products, {len(validation)} validation products left out, {len(measured)} measured; "
+              f"{args.parts} parts of {share}", flush=True)
+        print("| weights | products | " + " | ".join(("gem", "gem+white", "gem+lwhite")) + " |")
+        print("|---|---|---|---|---|", flush=True)
+        for spec in args.weights:
+            block = int(card_index_settings(spec).get("VSEARCH_FEATURE_BLOCK", 5))
+            extractor = FeatureExtractor(spec, "auto", image_size=args.size, threads=args.threads, localize="auto",
+                                         feature_block=block)
+            learned = matching_learned_whitening(spec, extractor, "gem")[0]
+            for name, catalog in catalogs.items():
+                report = run_eval(catalog, extractor=extractor, column_map={"id": "product_id"}, queries=(),
+                                  poolings=("gem",), whitening=(False, True), include_seed_baseline=False,
+                                  learned_whitening=learned.projection if learned else None,
+                                  localize=extractor.localizes, progress=False)
+                p5 = {m.method: m.metrics["category_p5"] for m in report.methods}
+                cells = [f"{p5[m]:.3f}" if m in p5 else "-" for m in ("gem", "gem+white", "gem+lwhite")]
+                print(f"| {extractor.weights_id} | {name}: {report.products} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -81,6 +82,13 @@ def check_image(size: int) -> Image.Image:
     rgb = np.stack([x, y, (x + y) / 2], axis=-1) * 255
     rgb[size // 4 : size // 2, size // 3 : 2 * size // 3] = (200, 30, 30)
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+def return_free_heap() -> None:
+    """Hand the heap freed while loading (the fp32 weights, the copies made while packing) back to the OS,
+    where the C library is glibc: otherwise it stays in the process's resident memory (about 60 MB here)."""
+    with suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def fold_batch_norm(features: torch.nn.Sequential) -> torch.nn.Sequential:
@@ -189,6 +197,7 @@ class FeatureExtractor:
         check, _ = self._inputs(torch.from_numpy(preprocess(check_image(image_size), image_size))[None], self.precision)
         self.model = packed_or_eager(self.model, image_size, check)
         self.embedder = up_to_block(self.model, feature_block)
+        return_free_heap()
 
     @property
     def weights_dtype(self) -> torch.dtype:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -377,43 +377,43 @@ def packed(precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-def section_prepack(seconds: float) -> None:
-    """Weights packed once for oneDNN (the engine today) against eager convolutions, which hand oneDNN the
-    plain weights to reorder on every call; at the index sizes in use, batch 1 (a search) and 4 (the indexer)."""
+def sizes_and_batches() -> Iterator[tuple[int, int]]:
+    """(size, batch) for the index sizes in use (112, 160, 224 px) and batches 1 (a search) and 4 (the
+    indexer), with the module's SIZE set to that size meanwhile."""
     global SIZE
     default = SIZE
     try:
         for size in (112, 160, 224):
             SIZE = size
             for batch in (1, 4):
-                x = inputs(batch)
-                ref = eager("fp32")(x)
-                fns = {ENGINE: eager("bf16 weights"), PACKED: packed("bf16 weights"),
-                       "prepacked, fp32": packed("fp32"), "eager, fp32, channels_last": eager("fp32")}
-                cosines = {name: gem_cosine(ref, fn(x)) for name, fn in fns.items()}
-                medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
-                report("prepack", batch, medians, cosines, {name: f"{size} px; {load()}" for name in medians})
+                yield size, batch
     finally:
         SIZE = default
+
+
+def section_prepack(seconds: float) -> None:
+    """Weights packed once for oneDNN (the engine today) against eager convolutions, which hand oneDNN the
+    plain weights to reorder on every call."""
+    for size, batch in sizes_and_batches():
+        x = inputs(batch)
+        ref = eager("fp32")(x)
+        fns = {ENGINE: eager("bf16 weights"), PACKED: packed("bf16 weights"),
+               "prepacked, fp32": packed("fp32"), "eager, fp32, channels_last": eager("fp32")}
+        cosines = {name: gem_cosine(ref, fn(x)) for name, fn in fns.items()}
+        medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
+        report("prepack", batch, medians, cosines, {name: f"{size} px; {load()}" for name in medians})
 
 
 def section_cast(seconds: float) -> None:
     """bf16 weights stored once against bf16 autocast over fp32 weights, which casts every weight again on
     each call (inference mode caches no casts): a fixed cost per call, so it shows at batch 1 and small inputs."""
-    global SIZE
-    default = SIZE
-    try:
-        for size in (112, 160, 224):
-            SIZE = size
-            for batch in (1, 4):
-                x = inputs(batch)
-                fns = {ENGINE: eager("bf16 weights"), "eager, bf16 autocast, channels_last": eager("bf16 autocast")}
-                for fn in fns.values():
-                    fn(x)
-                medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
-                report("cast", batch, medians, {}, {name: f"{size} px; {load()}" for name in medians})
-    finally:
-        SIZE = default
+    for size, batch in sizes_and_batches():
+        x = inputs(batch)
+        fns = {ENGINE: eager("bf16 weights"), "eager, bf16 autocast, channels_last": eager("bf16 autocast")}
+        for fn in fns.values():
+            fn(x)
+        medians = compare({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, seconds)
+        report("cast", batch, medians, {}, {name: f"{size} px; {load()}" for name in medians})
 
 
 def main() -> None:

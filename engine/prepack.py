@@ -1,8 +1,8 @@
 """The conv stack with its weights reordered once for oneDNN ("prepacked"), each ReLU fused into its conv.
 
 Eager PyTorch hands oneDNN the plain weights on every call, and oneDNN reorders all 14.7M of them into its
-blocked layout each time. Reordering once at load time makes the VGG16 conv stack about 1.2x as fast on a
-CPU with AMX (batch 1 and 4, one thread, bf16; `benchmarks/model_levers.py --sections prepack`), with the same
+blocked layout each time. Reordering once at load time makes the VGG16 conv stack 1.2-1.5x as fast on a
+CPU with AMX (batch 1 and 4, one thread, bf16, 112-224 px; `benchmarks/model_levers.py --sections prepack`), with the same
 outputs up to float rounding. Tensors stay dense (channels_last) between layers, so the taps of the mask
 head (`engine.localize.block_outputs`) and the pooling see what they saw before.
 

@@ -26,7 +26,11 @@ from indexer.fetch import FetchError, FetchSettings, iter_fetched
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 4  # vsearch bench: the model alone is fastest at batch 4 on this 2-core CPU (15.5 vs 13.3 img/s at 16)
+# Images per model call. With the conv weights prepacked the model is as fast or faster per image at batch 1
+# as at 4 on this 2-core CPU (interleaved, 2026-11-27: 21.0 vs 19.1 images/s at 224 px, 24.9 vs 25.1 for
+# trained weights at 160 px; eager convolutions peaked at 4), and a search waits for at most one image of
+# a background rebuild.
+BATCH_SIZE = 1
 DECODE_WORKERS = 2
 
 

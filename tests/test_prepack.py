@@ -13,6 +13,9 @@ from engine.features import FeatureExtractor, check_image, fold_batch_norm
 from engine.localize import block_outputs, up_to_block
 from engine.weights import random_features
 
+# Packing needs oneDNN (in every x86 and arm64 torch wheel); a build without it runs the eager stack.
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
 
 def eager_stack(dtype: torch.dtype) -> torch.nn.Sequential:
     stack = fold_batch_norm(random_features("vgg16_bn")[:-1].eval()).eval()

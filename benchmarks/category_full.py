@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from train_eval import VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED  # noqa: E402 (same folder: the same sample)
+
 from engine.evaluate import run_eval, sample_products  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.learned_whitening import matching_learned_whitening  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
-
-VALIDATION_SAMPLE, VALIDATION_SEED = 500, 1  # as benchmarks/train_eval.py --products val draws it
 
 
 def write_catalog(rows: list[dict[str, str]], path: Path) -> Path:
@@ -54,7 +54,7 @@ def main() -> int:
         if not Path(row["image"]).is_absolute():
             row["image"] = str((args.categories.parent / row["image"]).resolve())
     choice = [r["product_id"] for r in csv.DictReader(args.choice.open(encoding="utf-8", newline=""))]
-    validation = set(sample_products(choice, VALIDATION_SAMPLE, VALIDATION_SEED))
+    validation = set(sample_products(choice, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED))
     measured = [r for r in rows if r["product_id"] not in validation]
     random.Random(7).shuffle(measured)
     share = len(measured) // args.parts

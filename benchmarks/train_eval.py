@@ -47,6 +47,8 @@ from engine.settings import EngineSettings, card_index_settings  # noqa: E402
 from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+# --products val: category precision on this many products outside the report's sample, drawn with this seed.
+VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED = 500, 1
 QUERY_METRICS = ("clean_r1", "clean_r5", "plain_r1", "plain_r5", "photo_r1", "photo_r5")
 
 
@@ -177,7 +179,7 @@ def main() -> int:
         test_ids = split["val"]
         args.categories = choice_categories(args.categories, args.categories_limit,
                                             Path(args.split).with_name("categories_choice.csv"))
-        args.categories_limit, args.categories_seed = 500, 1
+        args.categories_limit, args.categories_seed = VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED
     test_csv = write_val_catalog(catalog, test_ids, Path(args.split).with_name(f"{args.products}_catalog.csv"))
     cols = [*QUERY_METRICS, "category_p5", "same_r1", "same_r5", "search_p50_ms"]
     print("| weights | block | localised | method | " + " | ".join(cols) + " |")

@@ -1,8 +1,10 @@
 """Fit the learned whitening of weights trained before `vsearch train` fitted it itself, as it does now.
 
 Run: .venv/bin/python benchmarks/learned_whitening.py --split RUN/split.json --weights RUN/weights.pth [--products 300]
+    [--category-stretch B]
 The pairs come from --products of the split's training products (seeded, one catalog image each), embedded
-with the settings of the weights' model card; writes RUN/weights.whitening.npz and the card's
+with the settings of the weights' model card; the category directions from up to --products training products
+of each category (column `category`), stretched by 1 + B (default: vsearch train's); writes RUN/weights.whitening.npz and the card's
 `learned_whitening` entry (validation on the split's validation products with it and with PCA whitening),
 exactly as `engine.train.train` does after its last epoch.
 """
@@ -16,9 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.evaluate import sample_products  # noqa: E402
+from engine.evaluate import product_label, sample_products  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
-from engine.train import TrainConfig, fit_whitening, index_image_size, read_train_catalog, write_val_catalog  # noqa: E402
+from engine.train import (  # noqa: E402
+    TrainConfig,
+    category_sample,
+    fit_whitening,
+    index_image_size,
+    read_train_catalog,
+    write_val_catalog,
+)
 
 
 def main() -> int:
@@ -26,6 +35,7 @@ def main() -> int:
     parser.add_argument("--split", required=True, type=Path, help="split.json written by vsearch train")
     parser.add_argument("--weights", required=True, type=Path, help="weights.pth with its model card beside it")
     parser.add_argument("--products", type=int, default=TrainConfig.whitening_products)
+    parser.add_argument("--category-stretch", type=float, default=TrainConfig.category_stretch)
     args = parser.parse_args()
     split = json.loads(args.split.read_text(encoding="utf-8"))
     card_path = args.weights.with_suffix(".json")
@@ -36,15 +46,18 @@ def main() -> int:
         print("the catalog changed since the split was written", file=sys.stderr)
         return 2
     config = TrainConfig(catalog=Path(split["catalog"]), out=args.weights.parent, seed=split["seed"],
-                         feature_block=int(settings.get("VSEARCH_FEATURE_BLOCK", 4)), whitening_products=args.products)
+                         feature_block=int(settings.get("VSEARCH_FEATURE_BLOCK", 4)), whitening_products=args.products,
+                         category_stretch=args.category_stretch)
     first_image: dict[str, str] = {}
     for image in catalog.images:
         first_image.setdefault(image.product_id, image.source)
     train_products = [p for p in split["train"] if p in first_image]
     products = sample_products(train_products, args.products, config.seed)
+    category_of = {p: product_label(catalog.products[p], config.category_field) for p in train_products}
+    labelled = category_sample(train_products, category_of, args.products, config.seed)
     val_catalog = write_val_catalog(catalog, split["val"], args.weights.with_name("val_catalog.csv"))
     size = int(settings.get("VSEARCH_IMAGE_SIZE", index_image_size(card["image_size"])))
-    entry = fit_whitening(args.weights, products, first_image, val_catalog, size, config)
+    entry = fit_whitening(args.weights, products, labelled, first_image, val_catalog, size, config)
     card["learned_whitening"] = entry
     card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
     print(json.dumps(entry, indent=2))

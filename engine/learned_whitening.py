@@ -4,26 +4,31 @@ Each pair is a training product's catalog image, embedded as the index embeds it
 of it (training augmentations, on a cluttered or on its own background), embedded as `Searcher.search` embeds a
 shopper's photo. `engine.pooling.learned_projection` turns the pairs into a projection that damps what differs
 between the two; the index centres its catalog and applies it instead of a PCA whitening of the catalog.
-The file lies beside the weights (`weights.whitening.npz` for `weights.pth`) and records the settings it was
-fitted with: it only fits vectors embedded the same way.
+Where the catalog labels its products with categories, the directions that tell the categories apart
+(`engine.pooling.category_directions` on training products' catalog images, embedded as the index embeds
+them and projected) are then stretched by 1 + `category_stretch`, so that the nearest products share the
+query's category more often. The file lies beside the weights (`weights.whitening.npz` for `weights.pth`) and
+records the settings it was fitted with: it only fits vectors embedded the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from engine.augment import TRAIN_PARAMS, photo_like
 from engine.errors import CatalogError, SettingsError, WeightsError
 from engine.features import FeatureExtractor
 from engine.images import ImageRejected, load_image_file
-from engine.pooling import Whitening, learned_projection
+from engine.pooling import Whitening, category_directions, l2n, learned_projection, stretch_directions
 from engine.settings import EngineSettings, learned_whitening_file
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,8 @@ SHRINKAGE = 0.1
 # The query views of each product: the shopper's photo on a busy background, and on the product's own.
 PAIR_VIEWS = (("cluttered", True), ("plain", False))
 MAX_SIDE = 512  # larger catalog images are shrunk to this before augmenting (bounds the time per pair)
+CATEGORY_REGULARISATION = 0.1  # of the within-class covariance, x its mean variance
+MIN_CATEGORY_PRODUCTS = 10  # a category with fewer readable products is left out of the category directions
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,10 @@ class LearnedWhiteningInfo:
     pairs: int
     shrinkage: float
     seed: int
+    # Files written before the category stretch existed load with these defaults: no stretch.
+    category_stretch: float = 0.0  # the category directions scaled by 1 + this (0: none)
+    categories: str = ""  # the categories those directions tell apart, comma-separated
+    category_products: int = 0  # labelled products they were found on
 
     def mismatch(self, weights_id: str, image_size: int, feature_block: int, framing: str, pooling: str) -> str | None:
         """Why vectors of these settings do not fit this whitening; None when they do."""
@@ -68,6 +79,16 @@ class LearnedWhitening:
     info: LearnedWhiteningInfo
 
 
+def _read(source: str) -> Image.Image | None:
+    try:
+        img = load_image_file(source, draft_size=MAX_SIDE)
+    except (ImageRejected, OSError) as exc:
+        log.warning("learned whitening: %s left out (%s)", source, exc)
+        return None
+    img.thumbnail((MAX_SIDE, MAX_SIDE))
+    return img.convert("RGB")
+
+
 def pair_vectors(
     extractor: FeatureExtractor, sources: Sequence[str], seed: int, batch_size: int = 16, progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -79,14 +100,10 @@ def pair_vectors(
             batch = sources[start : start + batch_size]
             images, keys = [], []
             for n, source in enumerate(batch, start):
-                try:
-                    img = load_image_file(source, draft_size=MAX_SIDE)
-                except (ImageRejected, OSError) as exc:
-                    log.warning("learned whitening: %s left out (%s)", source, exc)
-                    continue
-                img.thumbnail((MAX_SIDE, MAX_SIDE))
-                images.append(img.convert("RGB"))
-                keys.append(f"{n}:{source}")
+                img = _read(source)
+                if img is not None:
+                    images.append(img)
+                    keys.append(f"{n}:{source}")
             if images:
                 catalog = extractor.embed([extractor.frame_catalog_image(im) for im in images], POOLING)
                 for kind, clutter in PAIR_VIEWS:
@@ -101,17 +118,63 @@ def pair_vectors(
     return np.concatenate(anchors), np.concatenate(positives)
 
 
+@dataclass(frozen=True)
+class CategoryDirections:
+    directions: np.ndarray  # (D, k) orthonormal, in the projected space
+    categories: list[str]
+    products: int
+
+
+def find_category_directions(
+    extractor: FeatureExtractor, projection: np.ndarray, labelled: Sequence[tuple[str, str]], batch_size: int = 16,
+    progress: bool = True,
+) -> CategoryDirections | None:
+    """The directions that tell apart the categories of `labelled` (catalog image, category) once projected;
+    None where fewer than 2 categories have MIN_CATEGORY_PRODUCTS readable images."""
+    vectors: list[np.ndarray] = []
+    labels: list[str] = []
+    with tqdm(total=len(labelled), desc="category directions", unit="img", disable=not progress) as bar:
+        for start in range(0, len(labelled), batch_size):
+            read = [(img, category) for img, category in ((_read(s), c) for s, c in labelled[start : start + batch_size])
+                    if img is not None]
+            if read:
+                vectors.append(extractor.embed([extractor.frame_catalog_image(img) for img, _ in read], POOLING))
+                labels += [category for _, category in read]
+            bar.update(min(batch_size, len(labelled) - start))
+    counts = Counter(labels)
+    kept = [n for n, category in enumerate(labels) if counts[category] >= MIN_CATEGORY_PRODUCTS]
+    categories = sorted({labels[n] for n in kept})
+    if len(categories) < 2:
+        log.info("learned whitening: no category directions (%d categories with %d or more readable products)",
+                 len(categories), MIN_CATEGORY_PRODUCTS)
+        return None
+    x = np.concatenate(vectors)[kept].astype(np.float64)
+    projected = l2n((x - x.mean(axis=0)) @ np.asarray(projection, dtype=np.float64))
+    directions = category_directions(projected, [labels[n] for n in kept], CATEGORY_REGULARISATION)
+    return CategoryDirections(directions, categories, len(kept))
+
+
 def fit_learned_whitening(
     extractor: FeatureExtractor, sources: Sequence[str], products: int, seed: int, progress: bool = True,
+    labelled: Sequence[tuple[str, str]] = (), category_stretch: float = 0.0,
 ) -> LearnedWhitening:
-    """Fit on `sources` (catalog images of `products` training products) embedded by `extractor`."""
+    """Fit on `sources` (catalog images of `products` training products) embedded by `extractor`; then, where
+    `category_stretch` > 0, stretch the directions that tell apart the categories of `labelled`
+    ((catalog image, category) of training products)."""
     anchors, positives = pair_vectors(extractor, sources, seed, progress=progress)
+    projection = learned_projection(anchors, positives, SHRINKAGE)
     info = LearnedWhiteningInfo(
         weights_id=extractor.weights_id, image_size=extractor.image_size, feature_block=extractor.feature_block,
         framing=extractor.framing, pooling=POOLING, products=products, pairs=len(anchors), shrinkage=SHRINKAGE,
         seed=seed,
     )
-    return LearnedWhitening(learned_projection(anchors, positives, SHRINKAGE), info)
+    found = find_category_directions(extractor, projection, labelled, progress=progress) if (
+        category_stretch > 0 and labelled) else None
+    if found is not None:
+        projection = stretch_directions(projection, found.directions, category_stretch)
+        info = replace(info, category_stretch=category_stretch, categories=",".join(found.categories),
+                       category_products=found.products)
+    return LearnedWhitening(projection, info)
 
 
 def save_learned_whitening(learned: LearnedWhitening, path: Path) -> str:
@@ -135,13 +198,14 @@ def load_learned_whitening(weights: str) -> LearnedWhitening | None:
         return None
     try:
         with np.load(path) as data:
-            fields = {k: data[k].item() for k in LearnedWhiteningInfo.__dataclass_fields__}
+            stored = {f.name: data[f.name].item() for f in fields(LearnedWhiteningInfo) if f.name in data.files}
             projection = data["projection"].astype(np.float32)
-    except (OSError, KeyError, ValueError) as exc:
+        info = LearnedWhiteningInfo(**stored)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise WeightsError(f"the learned whitening {path} cannot be read ({exc})", _REDO) from None
     if projection.ndim != 2 or projection.shape[0] != projection.shape[1]:
         raise WeightsError(f"the learned whitening {path} holds no square projection", _REDO)
-    return LearnedWhitening(projection, LearnedWhiteningInfo(**fields))
+    return LearnedWhitening(projection, info)
 
 
 def index_whitening(

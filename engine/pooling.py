@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,33 @@ def learned_projection(anchors: np.ndarray, positives: np.ndarray, shrinkage: fl
         raise ValueError(f"learned whitening needs 2 or more pairs of equal shape, got {a.shape} and {b.shape}")
     diff = b - a
     return _inverse_sqrt(diff.T @ diff / len(diff), shrinkage).astype(np.float32)
+
+
+def category_directions(vectors: np.ndarray, labels: Sequence[str], regularisation: float = 0.1) -> np.ndarray:
+    """(D, k) orthonormal basis of the k = classes - 1 directions that best tell the labelled classes of (N, D)
+    vectors apart (Fisher's LDA): the span of the inverse within-class covariance (the mean of the classes'
+    covariances plus `regularisation` x its mean variance) applied to the differences of the class means."""
+    x = np.asarray(vectors, dtype=np.float64)
+    of_vector = np.asarray(labels)
+    if x.ndim != 2 or of_vector.shape != (len(x),):
+        raise ValueError(f"one label per vector needed, got {of_vector.shape} labels for {x.shape}")
+    names = sorted(set(of_vector.tolist()))
+    members = [x[of_vector == name] for name in names]
+    if len(names) < 2 or min(len(m) for m in members) < 2:
+        raise ValueError("category directions need 2 or more classes of 2 or more vectors each")
+    within = sum(np.cov(m, rowvar=False) for m in members) / len(members)
+    within += regularisation * max(float(np.trace(within)) / x.shape[1], 1e-12) * np.eye(x.shape[1])
+    means = np.stack([m.mean(axis=0) for m in members])
+    spread = np.linalg.solve(within, (means[1:] - means[0]).T)  # (D, classes - 1)
+    basis, singular, _ = np.linalg.svd(spread, full_matrices=False)
+    return basis[:, singular > singular[0] * 1e-9]
+
+
+def stretch_directions(projection: np.ndarray, directions: np.ndarray, stretch: float) -> np.ndarray:
+    """`projection` followed by scaling the span of the orthonormal `directions` by 1 + `stretch`."""
+    p = np.asarray(projection, dtype=np.float64)
+    u = np.asarray(directions, dtype=np.float64)
+    return (p + stretch * (p @ u) @ u.T).astype(np.float32)
 
 
 @dataclass(frozen=True)

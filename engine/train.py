@@ -58,6 +58,9 @@ CATEGORY_TEMPERATURE = 0.1  # the category term: normalised softmax over one pro
 # Chosen on validation products among 0, 0.5, 2, 4 and 8 (README: Training, runs 2, 5, 6, 8, 7): 8 gains a little
 # more category precision but costs cluttered recall; 2 gains most of it and keeps the recall.
 DEFAULT_CATEGORY_WEIGHT = 2.0
+# The learned whitening's category directions are scaled by 1 + this: the largest stretch that kept cluttered and
+# same-product recall on run 6's validation products (README: Training, "The catalog's categories, stretched").
+DEFAULT_CATEGORY_STRETCH = 1.0
 CHECKPOINT = "checkpoint.pth"
 WEIGHTS = "weights.pth"
 CARD = "weights.json"
@@ -114,6 +117,9 @@ class TrainConfig:
     loss_block: int = 5  # the conv block whose GeM the loss trains
     cache_mb: int = 1024
     whitening_products: int = 300  # training products whose pairs fit the learned whitening (0: none)
+    # The learned whitening stretches the directions that tell `category_field`'s categories apart (0: not),
+    # found on up to `whitening_products` training products of each category.
+    category_stretch: float = DEFAULT_CATEGORY_STRETCH
     progress: bool = True
 
     def validate(self) -> None:
@@ -132,6 +138,7 @@ class TrainConfig:
              f"--whitening-products must be 0 or at least 2, got {self.whitening_products}"),
             (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
             (self.category_weight >= 0, f"--category-weight must be 0 or more, got {self.category_weight}"),
+            (self.category_stretch >= 0, f"--category-stretch must be 0 or more, got {self.category_stretch}"),
             (self.feature_block in (4, 5), f"--feature-block must be 4 or 5, got {self.feature_block}"),
             (self.loss_block in (4, 5), f"--loss-block must be 4 or 5, got {self.loss_block}"),
         ]
@@ -661,10 +668,10 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is not None:
             proxies.data.copy_(checkpoint["proxies"])
         groups.append({"params": [proxies], "base_lr": 10 * config.lr, "weight_decay": 0.0})
-    category = CategoryTerm.of_catalog(
-        [(product_label(catalog.products[p], config.category_field) or "") if config.category_field else ""
-         for p in train_products],
-        config.category_weight, model.embedding_dims, config.seed)
+    category_of = {p: (product_label(catalog.products[p], config.category_field) if config.category_field else None)
+                   for p in train_products}
+    category = CategoryTerm.of_catalog([category_of[p] or "" for p in train_products], config.category_weight,
+                                       model.embedding_dims, config.seed)
     if checkpoint is not None and state.categories != (category.names if category else []):
         raise VsearchError(
             f"the run in {out} was started with category term {state.categories or 'off'}, not "
@@ -755,9 +762,13 @@ def train(config: TrainConfig) -> TrainResult:
                       "category_proxies": category.proxies.detach().cpu() if category else None}, ckpt_path)
 
     # After the last epoch come the learned whitening's pairs (3 images per product, as a validation pass
-    # embeds 3 per validation product) and one more validation pass: the time budget keeps room for both.
+    # embeds 3 per validation product), its category directions (1 image per product) and one more validation
+    # pass: the time budget keeps room for them.
     whitening_products = min(config.whitening_products, len(train_products))
-    final_passes = (1 + whitening_products / max(len(val_ids), 1)) if whitening_products else 0.0
+    labelled = category_sample(train_products, category_of, whitening_products, config.seed) if (
+        whitening_products and config.category_stretch > 0) else []
+    final_passes = ((1 + (whitening_products + len(labelled) / 3) / max(len(val_ids), 1)) if whitening_products
+                    else 0.0)
     interrupted = False
     try:
         last_val_seconds = state.history[-1]["val_seconds"] if state.history else 0.0
@@ -834,7 +845,7 @@ def train(config: TrainConfig) -> TrainResult:
                 break
         if whitening_products:
             state.learned_whitening = fit_whitening(
-                out / WEIGHTS, sample_products(train_products, whitening_products, config.seed),
+                out / WEIGHTS, sample_products(train_products, whitening_products, config.seed), labelled,
                 {p: train_images[by_product[p][0]].source for p in train_products}, val_catalog, val_size, config)
             log.info("learned whitening on %d training products: validation %s (PCA whitening: %s)",
                      whitening_products, _fmt_metrics(state.learned_whitening["validation"]["learned"]),
@@ -850,15 +861,29 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(out / WEIGHTS, out / CARD, ckpt_path, state, interrupted)
 
 
+def category_sample(
+    products: Sequence[str], category_of: Mapping[str, str | None], per_category: int, seed: int
+) -> list[tuple[str, str]]:
+    """(product, category): up to `per_category` of `products` of each category (seeded); none without one."""
+    by_category: dict[str, list[str]] = {}
+    for product in products:
+        if category_of.get(product):
+            by_category.setdefault(category_of[product], []).append(product)
+    return [(p, category) for category, members in sorted(by_category.items())
+            for p in sample_products(members, per_category, seed)]
+
+
 def fit_whitening(
-    weights: Path, products: Sequence[str], source_of: Mapping[str, str], val_catalog: Path, image_size: int,
-    config: TrainConfig,
+    weights: Path, products: Sequence[str], labelled: Sequence[tuple[str, str]], source_of: Mapping[str, str],
+    val_catalog: Path, image_size: int, config: TrainConfig,
 ) -> dict[str, Any]:
     """Fit the learned whitening of `weights` (engine.learned_whitening) on pairs of `products` (one catalog
-    image each), write it beside them, and validate the weights with it and with PCA whitening: the card's entry."""
+    image each), its category directions on `labelled` (product, category), write it beside them, and validate
+    the weights with it and with PCA whitening: the card's entry."""
     extractor = FeatureExtractor(str(weights), "auto", image_size=image_size, feature_block=config.feature_block)
     learned = fit_learned_whitening(extractor, [source_of[p] for p in products], len(products), config.seed,
-                                    config.progress)
+                                    config.progress, [(source_of[p], category) for p, category in labelled],
+                                    config.category_stretch)
     path = learned_whitening_file(str(weights))
     sha256 = save_learned_whitening(learned, path)
     report = run_eval(val_catalog, extractor=extractor, seed=config.seed, poolings=("gem",), whitening=(True,),
@@ -915,6 +940,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whitening-products", type=int, default=TrainConfig.whitening_products,
                         help="training products whose catalog image and two photo-like views fit the learned "
                         "whitening written beside the weights (default 300; 0: none; README: Training)")
+    parser.add_argument("--category-stretch", type=float, default=DEFAULT_CATEGORY_STRETCH,
+                        help="the learned whitening scales the directions that tell --category-field's categories "
+                        f"apart by 1 + this (default {DEFAULT_CATEGORY_STRETCH:g}; 0: off; found on up to "
+                        "--whitening-products training products per category; README: Training)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -945,6 +974,7 @@ def run_train(args: argparse.Namespace) -> int:
         feature_block=args.feature_block,
         loss_block=args.loss_block,
         whitening_products=args.whitening_products,
+        category_stretch=args.category_stretch,
     )
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:
@@ -956,8 +986,11 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"validation before: {_fmt_metrics(s.before)}")
     print(f"validation best:   {_fmt_metrics(s.best)}")
     if s.learned_whitening:
-        print(f"learned whitening: {s.learned_whitening['file']} ({s.learned_whitening['pairs']} pairs); validation "
-              f"{_fmt_metrics(s.learned_whitening['validation']['learned'])}")
+        lw = s.learned_whitening
+        stretched = (f", directions of {lw['categories'].replace(',', ', ')} stretched by 1 + {lw['category_stretch']:g}"
+                     if lw.get("category_stretch") else "")
+        print(f"learned whitening: {lw['file']} ({lw['pairs']} pairs{stretched}); validation "
+              f"{_fmt_metrics(lw['validation']['learned'])}")
     print(f"weights: {result.weights}\nmodel card: {result.card}")
     print(f"use them: VSEARCH_WEIGHTS={result.weights} vsearch index CATALOG")
     return EXIT_INTERRUPTED if result.interrupted else 0

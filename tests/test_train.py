@@ -18,6 +18,7 @@ from engine.settings import EngineSettings, learned_whitening_file
 from engine.train import (
     CARD,
     CHECKPOINT,
+    DEFAULT_CATEGORY_STRETCH,
     DEFAULT_CATEGORY_WEIGHT,
     SPLIT,
     WEIGHTS,
@@ -215,6 +216,7 @@ def test_a_learned_whitening_is_fitted_beside_the_weights_and_the_index_uses_it(
     entry = json.loads((Path(config.out) / CARD).read_text())["learned_whitening"]
     # All 6 training products (fewer than --whitening-products), two photo-like views each.
     assert (entry["file"], entry["products"], entry["pairs"]) == (path.name, 6, 12)
+    assert entry["category_stretch"] == 0.0  # 1-2 training products per category: too few to stretch
     assert (entry["image_size"], entry["feature_block"], entry["framing"]) == (index_image_size(SIZE), 4, "masked")
     assert entry["weights_id"] == load_weights(str(result.weights)).weights_id
     for method in ("learned", "pca"):
@@ -252,7 +254,9 @@ def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args([str(catalog), "--out", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32",
-                              "--batch-size", "4", "--workers", "0", "--eval-fraction", "0.25", "--seed", "3"])
+                              "--batch-size", "4", "--workers", "0", "--eval-fraction", "0.25", "--seed", "3",
+                              "--category-stretch", "0.5"])
+    assert args.category_stretch == 0.5
     assert run_train(args) == 0
     card = json.loads((tmp_path / "run" / CARD).read_text())
     assert card["epochs_done"] == 1 and card["image_size"] == 32 and card["split"]["seed"] == 3
@@ -296,9 +300,14 @@ def test_category_term_is_off_without_two_categories_and_skips_products_without_
     assert term.loss(z[:1], torch.tensor([1])) == 0  # a batch with no category at all adds nothing
 
 
-def test_category_term_trains_is_reported_and_resume_keeps_it(catalog: Path, tmp_path: Path) -> None:
+def test_category_term_trains_is_reported_and_resume_keeps_it(
+    catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import learned_whitening
     from engine.errors import VsearchError
 
+    # The 6 training products have 1-2 per style: let 2 count for the learned whitening's category directions.
+    monkeypatch.setattr(learned_whitening, "MIN_CATEGORY_PRODUCTS", 2)
     config = TrainConfig(catalog=catalog, out=tmp_path / "cat", weights="random", epochs=1, image_size=SIZE,
                          batch_size=4, eval_fraction=0.25, workers=0, val_limit=None, progress=False,
                          category_weight=0.5)
@@ -308,10 +317,27 @@ def test_category_term_trains_is_reported_and_resume_keeps_it(catalog: Path, tmp
     assert card["loss"]["category"]["field"] == "category" and len(card["loss"]["category"]["classes"]) >= 2
     assert first.state.categories == card["loss"]["category"]["classes"]
     assert card["history"][0]["category_loss"] > 0
+    stretch = card["learned_whitening"]
+    assert stretch["category_stretch"] == DEFAULT_CATEGORY_STRETCH and stretch["category_products"] >= 4
+    assert set(stretch["categories"].split(",")) <= set(card["loss"]["category"]["classes"])
+    assert len(stretch["categories"].split(",")) >= 2
     again = train(TrainConfig(**{**config.__dict__, "epochs": 2, "resume": True}))
     assert again.state.epochs_done == 2 and again.state.history[1]["category_loss"] > 0
     with pytest.raises(VsearchError, match="category term"):
         train(TrainConfig(**{**config.__dict__, "epochs": 3, "resume": True, "category_weight": 0.0}))
+
+
+def test_category_sample_draws_up_to_n_products_of_each_category() -> None:
+    from engine.train import category_sample
+
+    products = [f"p{n:02d}" for n in range(30)]
+    category_of = {p: ("shoes" if n < 20 else "boots" if n < 25 else None) for n, p in enumerate(products)}
+    sample = category_sample(products, category_of, 10, seed=0)
+    assert [c for _, c in sample].count("shoes") == 10 and [c for _, c in sample].count("boots") == 5
+    assert all(category_of[p] == c for p, c in sample) and len({p for p, _ in sample}) == 15
+    assert category_sample(products, category_of, 10, seed=0) == sample
+    assert category_sample(products, category_of, 10, seed=1) != sample
+    assert category_sample(products, {}, 10, seed=0) == []
 
 
 def test_index_image_size_follows_the_training_size_up_to_the_engines_default() -> None:

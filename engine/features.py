@@ -26,7 +26,7 @@ from engine.localize import (
     up_to_block,
 )
 from engine.pooling import pool
-from engine.prepack import PackedConv2d, packed_or_eager
+from engine.prepack import PackedConv2d, block_agreement, packed_or_eager
 from engine.settings import LOCALIZE_MODES, EngineSettings
 from engine.weights import load_weights
 
@@ -244,9 +244,7 @@ class FeatureExtractor:
         if not cpu_has_native_bf16():
             return "fp32"
         batch = torch.from_numpy(preprocess(check_image(self.image_size), self.image_size))[None]
-        ref = self._forward(batch, "fp32").flatten()
-        low = self._forward(batch, "bf16").flatten()
-        cosine = float(torch.nn.functional.cosine_similarity(ref, low, dim=0))
+        cosine = block_agreement([self._forward(batch, "fp32")], [self._forward(batch, "bf16")])
         if cosine < BF16_MIN_COSINE:
             log.warning("bf16 features drift from fp32 (cosine %.5f); using fp32", cosine)
             return "fp32"

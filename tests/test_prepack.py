@@ -78,3 +78,20 @@ def test_falls_back_to_the_eager_stack_when_packing_fails_or_drifts(monkeypatch,
     assert "drift" in caplog.text
     monkeypatch.undo()
     assert prepack.packed_or_eager(eager, 64, x) is not eager
+
+
+def test_a_block_silent_in_both_stacks_is_no_drift():
+    # Trained weights can leave the last block all zero on the small check image (seen with the GPU run's
+    # weights at 64 px): that says nothing about packing, and must not cost the packed stack.
+    eager = eager_stack(torch.float32)
+    last_conv = [m for m in eager if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last_conv.bias.fill_(-1e4)  # its ReLU outputs zero on any input
+    x = batch(1, 64, torch.float32)
+    with torch.inference_mode():
+        assert not bool(eager(x).any())
+    assert prepack.packed_or_eager(eager, 64, x) is not eager
+    zero, one = torch.zeros(8), torch.ones(8)
+    assert prepack.block_agreement([one, zero], [one, zero]) == pytest.approx(1.0)
+    assert prepack.block_agreement([one, zero], [one, one]) == 0.0  # silent in one stack only: drift
+    assert prepack.block_agreement([one, one], [one, -one]) == pytest.approx(-1.0)

@@ -70,8 +70,9 @@ def pack_conv_stack(features: nn.Sequential, image_size: int, batch: int = 4) ->
 
 
 def block_agreement(want: list[torch.Tensor], got: list[torch.Tensor]) -> float:
-    """The lowest cosine between matching block outputs; a block that is zero in both agrees (1.0): trained
-    weights can leave the last block silent on a small synthetic image, which says nothing about packing."""
+    """The lowest cosine between matching outputs of two computations of the same stack (packed and eager, or
+    bf16 and fp32); an output that is zero in both agrees (1.0): trained weights can leave the last block
+    silent on a small synthetic image, which says nothing about how the two compute."""
     cosines = []
     for a, b in zip(want, got, strict=True):
         a, b = a.float().flatten(), b.float().flatten()

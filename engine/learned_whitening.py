@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -89,29 +89,32 @@ def _read(source: str) -> Image.Image | None:
     return img.convert("RGB")
 
 
+def _readable_batches(
+    sources: Sequence[str], batch_size: int, desc: str, progress: bool
+) -> Iterator[list[tuple[int, Image.Image]]]:
+    """Batches of (position in `sources`, image), unreadable images left out, under a progress bar."""
+    with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            batch = [(n, img) for n, source in enumerate(chunk, start) if (img := _read(source)) is not None]
+            if batch:
+                yield batch
+            bar.update(len(chunk))
+
+
 def pair_vectors(
     extractor: FeatureExtractor, sources: Sequence[str], seed: int, batch_size: int = 16, progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(anchors, positives): one pair per image and query view; unreadable images are left out."""
     anchors: list[np.ndarray] = []
     positives: list[np.ndarray] = []
-    with tqdm(total=len(sources), desc="learned whitening", unit="img", disable=not progress) as bar:
-        for start in range(0, len(sources), batch_size):
-            batch = sources[start : start + batch_size]
-            images, keys = [], []
-            for n, source in enumerate(batch, start):
-                img = _read(source)
-                if img is not None:
-                    images.append(img)
-                    keys.append(f"{n}:{source}")
-            if images:
-                catalog = extractor.embed([extractor.frame_catalog_image(im) for im in images], POOLING)
-                for kind, clutter in PAIR_VIEWS:
-                    views = [photo_like(im, TRAIN_PARAMS.rng(seed, f"whiten:{kind}:{key}"), clutter=clutter,
-                                        params=TRAIN_PARAMS) for im, key in zip(images, keys, strict=True)]
-                    anchors.append(catalog)
-                    positives.append(extractor.embed_queries(views, POOLING))
-            bar.update(len(batch))
+    for batch in _readable_batches(sources, batch_size, "learned whitening", progress):
+        catalog = extractor.embed([extractor.frame_catalog_image(img) for _, img in batch], POOLING)
+        for kind, clutter in PAIR_VIEWS:
+            views = [photo_like(img, TRAIN_PARAMS.rng(seed, f"whiten:{kind}:{n}:{sources[n]}"), clutter=clutter,
+                                params=TRAIN_PARAMS) for n, img in batch]
+            anchors.append(catalog)
+            positives.append(extractor.embed_queries(views, POOLING))
     if not anchors:
         raise CatalogError(f"none of the {len(sources)} images chosen for the learned whitening could be read",
                            "Check the catalog's image files, or train with --whitening-products 0.")
@@ -133,14 +136,9 @@ def find_category_directions(
     None where fewer than 2 categories have MIN_CATEGORY_PRODUCTS readable images."""
     vectors: list[np.ndarray] = []
     labels: list[str] = []
-    with tqdm(total=len(labelled), desc="category directions", unit="img", disable=not progress) as bar:
-        for start in range(0, len(labelled), batch_size):
-            read = [(img, category) for img, category in ((_read(s), c) for s, c in labelled[start : start + batch_size])
-                    if img is not None]
-            if read:
-                vectors.append(extractor.embed([extractor.frame_catalog_image(img) for img, _ in read], POOLING))
-                labels += [category for _, category in read]
-            bar.update(min(batch_size, len(labelled) - start))
+    for batch in _readable_batches([source for source, _ in labelled], batch_size, "category directions", progress):
+        vectors.append(extractor.embed([extractor.frame_catalog_image(img) for _, img in batch], POOLING))
+        labels += [labelled[n][1] for n, _ in batch]
     counts = Counter(labels)
     kept = [n for n, category in enumerate(labels) if counts[category] >= MIN_CATEGORY_PRODUCTS]
     categories = sorted({labels[n] for n in kept})

@@ -22,12 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train_eval import DATASETS, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED, choice_categories  # noqa: E402
 
-from engine.evaluate import EvalReport, product_label, run_eval  # noqa: E402
+from engine.evaluate import EvalReport, run_eval  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.learned_whitening import find_category_directions, matching_learned_whitening  # noqa: E402
 from engine.pooling import stretch_directions  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
-from engine.train import TrainConfig, category_sample, read_train_catalog, write_val_catalog  # noqa: E402
+from engine.train import (  # noqa: E402
+    TrainConfig,
+    category_sample,
+    product_categories,
+    read_train_catalog,
+    write_val_catalog,
+)
 
 
 def metric(report: EvalReport, name: str) -> float:
@@ -63,7 +69,7 @@ def main() -> int:
 
     train_products = [p for p in split["train"] if p in catalog.products]
     source_of = {p: catalog.products[p].image for p in train_products}
-    category_of = {p: product_label(catalog.products[p], TrainConfig.category_field) for p in train_products}
+    category_of = product_categories(catalog, train_products, TrainConfig.category_field)
     labelled = [(source_of[p], c) for p, c in category_sample(train_products, category_of, args.products, split["seed"])]
     found = find_category_directions(extractor, learned.projection, labelled)
     if found is None:

@@ -18,13 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.evaluate import product_label, sample_products  # noqa: E402
+from engine.evaluate import sample_products  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
 from engine.train import (  # noqa: E402
     TrainConfig,
     category_sample,
     fit_whitening,
     index_image_size,
+    product_categories,
     read_train_catalog,
     write_val_catalog,
 )
@@ -53,8 +54,8 @@ def main() -> int:
         first_image.setdefault(image.product_id, image.source)
     train_products = [p for p in split["train"] if p in first_image]
     products = sample_products(train_products, args.products, config.seed)
-    category_of = {p: product_label(catalog.products[p], config.category_field) for p in train_products}
-    labelled = category_sample(train_products, category_of, args.products, config.seed)
+    labelled = category_sample(train_products, product_categories(catalog, train_products, config.category_field),
+                               args.products, config.seed)
     val_catalog = write_val_catalog(catalog, split["val"], args.weights.with_name("val_catalog.csv"))
     size = int(settings.get("VSEARCH_IMAGE_SIZE", index_image_size(card["image_size"])))
     entry = fit_whitening(args.weights, products, labelled, first_image, val_catalog, size, config)

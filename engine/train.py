@@ -668,8 +668,7 @@ def train(config: TrainConfig) -> TrainResult:
         if checkpoint is not None:
             proxies.data.copy_(checkpoint["proxies"])
         groups.append({"params": [proxies], "base_lr": 10 * config.lr, "weight_decay": 0.0})
-    category_of = {p: (product_label(catalog.products[p], config.category_field) if config.category_field else None)
-                   for p in train_products}
+    category_of = product_categories(catalog, train_products, config.category_field)
     category = CategoryTerm.of_catalog([category_of[p] or "" for p in train_products], config.category_weight,
                                        model.embedding_dims, config.seed)
     if checkpoint is not None and state.categories != (category.names if category else []):
@@ -859,6 +858,11 @@ def train(config: TrainConfig) -> TrainResult:
     state.seconds = elapsed()
     _write_json_atomic(card(), out / CARD)
     return TrainResult(out / WEIGHTS, out / CARD, ckpt_path, state, interrupted)
+
+
+def product_categories(catalog: Catalog, products: Sequence[str], category_field: str) -> dict[str, str | None]:
+    """Each product's value of `category_field` (None where it has none; for every product where the field is "")."""
+    return {p: product_label(catalog.products[p], category_field) if category_field else None for p in products}
 
 
 def category_sample(

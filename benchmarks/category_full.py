@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/category_full.py --categories /tmp/combined/categories_unseen.csv \
         --choice RUN/categories_choice.csv --weights random RUN/weights.pth [--size 160] [--parts 3]
+        [--category-boost B]
 `benchmarks/train_eval.py` reports category precision on a seeded sample of 1,000 products (the index holds
 those 1,000); `--products val` chose settings on 500 others (a seeded sample of `categories_choice.csv`, which
 `train_eval.py --products val` writes beside the split). This script leaves those 500 out and measures the
@@ -9,7 +10,9 @@ rest: once with all of them in one index, and once per part (seeded shuffle, `--
 about the reported sample's size), so the spread between parts shows the noise of a 1,000-product figure.
 Each weights spec is measured as the engine uses it: at --size px, GeM of the model card's conv block, masked
 pooling where the weights carry a mask head; rows gem (no whitening), gem+white (PCA whitening fitted on the
-evaluated products) and gem+lwhite (the learned whitening beside the weights, where there is one).
+evaluated products) and gem+lwhite (the learned whitening beside the weights, where there is one); with
+--category-boost B, each of them also re-ranked by the category vote of its top products ("+catB", as
+`Searcher.search` does with VSEARCH_CATEGORY_BOOST=B).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--parts", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--category-boost", type=float, default=0.0, help="also re-ranked by the category vote")
     args = parser.parse_args()
+    methods = ["gem", "gem+white", "gem+lwhite"]
+    boosts = (args.category_boost,) if args.category_boost else ()
+    methods += [f"{m}+cat{b:g}" for b in boosts for m in methods]
 
     rows = list(csv.DictReader(args.categories.open(encoding="utf-8", newline="")))
     for row in rows:  # image paths relative to the catalog, as the catalog reader resolves them
@@ -64,8 +71,8 @@ def main() -> int:
             catalogs[f"part {i + 1}"] = write_catalog(measured[i * share : (i + 1) * share], Path(tmp) / f"part{i}.csv")
         print(f"{len(rows)} products, {len(validation)} validation products left out, {len(measured)} measured; "
               f"{args.parts} parts of {share}", flush=True)
-        print("| weights | products | " + " | ".join(("gem", "gem+white", "gem+lwhite")) + " |")
-        print("|---|---|---|---|---|", flush=True)
+        print("| weights | products | " + " | ".join(methods) + " |")
+        print("|---|---|" + "---|" * len(methods), flush=True)
         for spec in args.weights:
             block = int(card_index_settings(spec).get("VSEARCH_FEATURE_BLOCK", 5))
             extractor = FeatureExtractor(spec, "auto", image_size=args.size, threads=args.threads, localize="auto",
@@ -75,9 +82,9 @@ def main() -> int:
                 report = run_eval(catalog, extractor=extractor, column_map={"id": "product_id"}, queries=(),
                                   poolings=("gem",), whitening=(False, True), include_seed_baseline=False,
                                   learned_whitening=learned.projection if learned else None,
-                                  localize=extractor.localizes, progress=False)
+                                  localize=extractor.localizes, category_boosts=boosts, progress=False)
                 p5 = {m.method: m.metrics["category_p5"] for m in report.methods}
-                cells = [f"{p5[m]:.3f}" if m in p5 else "-" for m in ("gem", "gem+white", "gem+lwhite")]
+                cells = [f"{p5[m]:.3f}" if m in p5 else "-" for m in methods]
                 print(f"| {extractor.weights_id} | {name}: {report.products} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -21,7 +21,12 @@ from engine.errors import CatalogError, ImageRejected
 from engine.images import load_image_file
 from engine.metrics import exact_knn, map_at_k, precision_at_k, rank_products, recall_at_k
 from engine.pooling import POOLINGS, Whitening, pool, raw_flat
-from engine.ranking import alpha_query_expansion
+from engine.ranking import (
+    RERANK_POOL,
+    alpha_query_expansion,
+    best_per_product,
+    category_vote_rerank,
+)
 from indexer.catalog import Catalog, read_catalog
 
 # photo: photo_like pasted on a cluttered background; plain: photo_like on the catalog's own background;
@@ -238,6 +243,7 @@ def run_eval(
     params: AugmentParams = EVAL_PARAMS,
     localize: bool = False,
     query_expansion: bool = False,
+    category_boosts: Sequence[float] = (),
     learned_whitening: np.ndarray | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -249,6 +255,9 @@ def run_eval(
     Without a split, whitening is fitted on the evaluated catalog itself (as the engine does at index time).
     `localize`: query images go through `extractor.localize` first, as in `Searcher.search`.
     `query_expansion`: every cosine method gets a "+aqe" twin that re-ranks with alpha query expansion.
+    `category_boosts`: every cosine method gets a "+catB" twin per boost B that re-ranks its top RERANK_POOL
+    products by the category vote of the top ones (`engine.ranking.category_vote_rerank`, labels
+    from `category_field`), as `Searcher.search` can.
     `white_dims`: the whitened methods are measured at each of these dims (None: all of the pooled vector's),
     as `Whitening.fit(dims=...)` keeps them; a reduced one is named like "avg+white256".
     `learned_whitening`: a projection learned from pairs of GeM vectors (engine.learned_whitening); the
@@ -325,11 +334,15 @@ def run_eval(
 
     methods = _methods(vectors, is_train, is_eval, poolings, whitening, include_seed_baseline, notes, white_dims,
                        learned_whitening)
+    cosine = [m for m in methods if m.distance == "cosine"]
     if query_expansion:
-        methods += [_with_query_expansion(m) for m in methods if m.distance == "cosine"]
+        methods += [_with_query_expansion(m) for m in cosine]
+    methods += [_with_category_vote(m, boost) for boost in category_boosts for m in cosine]
     image_products = [e.product_id for e in eval_entries]
+    label_of = {e.product_id: e.label for e in eval_entries}
     per_product = Counter(image_products)
-    k_images = min(len(eval_entries), (PRODUCTS_RANKED + 1) * max(per_product.values()) + 1)
+    pool = RERANK_POOL if category_boosts else PRODUCTS_RANKED
+    k_images = min(len(eval_entries), (pool + 1) * max(per_product.values()) + 1)
     queries_count: dict[str, int] = {}
 
     multi = np.array([per_product[p] >= 2 for p in image_products])
@@ -351,8 +364,7 @@ def run_eval(
         base = method.index
         if multi.any():
             rows = np.flatnonzero(multi)
-            ranked = _product_rankings(method.queries(base[rows]), base, method.distance, k_images, image_products,
-                                       rows, None)
+            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows)
             truth = [image_products[i] for i in rows]
             method.result.metrics["same_r1"] = recall_at_k(ranked, truth, 1)
             method.result.metrics["same_r5"] = recall_at_k(ranked, truth, 5)
@@ -360,9 +372,7 @@ def run_eval(
         if category_ok:
             rows = np.flatnonzero(has_label)
             own = [image_products[i] for i in rows]
-            ranked = _product_rankings(method.queries(base[rows]), base, method.distance, k_images, image_products,
-                                       rows, own)
-            label_of = {e.product_id: e.label for e in eval_entries}
+            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows, own)
             method.result.metrics["category_p5"] = float(
                 np.mean([precision_at_k([label_of[p] for p in r], labels[i], 5) for r, i in zip(ranked, rows, strict=True)])
             )
@@ -382,8 +392,7 @@ def run_eval(
         seconds[f"{kind} queries"] = time.perf_counter() - started
         queries_count[kind] = len(eval_entries)
         for method in methods:
-            q = method.queries(method.project(qvectors))
-            ranked = _product_rankings(q, method.index, method.distance, k_images, image_products, None, None)
+            ranked = _product_rankings(method, method.project(qvectors), k_images, image_products, label_of)
             method.result.metrics[f"{kind}_r1"] = recall_at_k(ranked, image_products, 1)
             method.result.metrics[f"{kind}_r5"] = recall_at_k(ranked, image_products, 5)
 
@@ -535,6 +544,7 @@ class _Method:
     project: Callable[[_Vectors], np.ndarray]  # query vectors -> this method's space
     distance: str
     expand: Callable[[np.ndarray], np.ndarray] | None = None  # re-ranking of projected queries (alpha QE)
+    category_boost: float | None = None  # re-ranking of the product hits by their categories' vote
 
     def queries(self, projected: np.ndarray) -> np.ndarray:
         return self.expand(projected) if self.expand is not None else projected
@@ -598,24 +608,40 @@ def _with_query_expansion(method: _Method) -> _Method:
     return _Method(result, index, method.project, method.distance, lambda q: alpha_query_expansion(q, index))
 
 
+def _with_category_vote(method: _Method, boost: float) -> _Method:
+    r = method.result
+    result = MethodResult(f"{r.method}+cat{boost:g}", r.pooling, r.whitening, r.distance, r.dims, dict.fromkeys(METRICS))
+    return _Method(result, method.index, method.project, method.distance, category_boost=boost)
+
+
 def _product_rankings(
-    queries: np.ndarray,
-    base: np.ndarray,
-    distance: str,
+    method: _Method,
+    projected: np.ndarray,
     k_images: int,
     image_products: Sequence[str],
-    self_rows: np.ndarray | None,
-    exclude_products: Sequence[str] | None,
+    label_of: Mapping[str, str | None],
+    self_rows: np.ndarray | None = None,
+    exclude_products: Sequence[str] | None = None,
 ) -> list[list[str]]:
-    """Top PRODUCTS_RANKED products per query; `self_rows[i]` (the query's own image) is never a result."""
+    """Top PRODUCTS_RANKED products per query of `projected` (in `method`'s space, before its query re-ranking);
+    `self_rows[i]` (the query's own image) is never a result, nor `exclude_products[i]`."""
     extra = 1 if self_rows is not None else 0
-    idx, _ = exact_knn(queries, base, min(len(base), k_images + extra), distance)
+    idx, dist = exact_knn(method.queries(projected), method.index, min(len(method.index), k_images + extra),
+                          method.distance)
+    boost = method.category_boost
     out = []
-    for i, row in enumerate(idx):
+    for i, (row, row_dist) in enumerate(zip(idx, dist, strict=True)):
         if self_rows is not None:
-            row = row[row != self_rows[i]]
+            keep = row != self_rows[i]
+            row, row_dist = row[keep], row_dist[keep]
         exclude = (exclude_products[i],) if exclude_products is not None else ()
-        out.append(rank_products(row.tolist(), image_products, PRODUCTS_RANKED, exclude=exclude))
+        if boost is None:
+            out.append(rank_products(row.tolist(), image_products, PRODUCTS_RANKED, exclude=exclude))
+            continue
+        hits = [(int(j), 1.0 - float(d)) for j, d in zip(row, row_dist, strict=True)]
+        pool = best_per_product(hits, image_products, RERANK_POOL, exclude=frozenset(exclude))
+        reranked = category_vote_rerank(pool, label_of.get, boost)
+        out.append([h.product_id for h in reranked[:PRODUCTS_RANKED]])
     return out
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# The category vote (`category_vote_rerank`): the products re-ranked and, of them, the top ones that vote.
+RERANK_POOL = 20
+RERANK_NEIGHBOURS = 10
 
 
 @dataclass(frozen=True)
@@ -48,3 +54,33 @@ def alpha_query_expansion(queries: np.ndarray, index: np.ndarray, neighbours: in
     weights = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) ** alpha
     expanded = queries + np.einsum("qn,qnd->qd", weights, index[top])
     return expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
+
+
+def category_vote_rerank(
+    hits: Sequence[ProductHit],
+    category_of: Callable[[str], str | None],
+    boost: float,
+    neighbours: int = RERANK_NEIGHBOURS,
+) -> list[ProductHit]:
+    """Re-rank product hits (best first) so that the photo's likely category comes first.
+
+    The top `neighbours` hits vote for their products' categories; each hit's score is raised by `boost` times
+    its category's share of the vote times the spread of the hits' scores (so that one boost means the same
+    whatever the pooling and whitening: at 1, a category with all the votes lifts the last hit level with the
+    first), a product without a category gets nothing, and the hits are re-sorted, ties keeping their order.
+    `boost=inf` puts the categories in vote order, each one's hits in score order.
+    """
+    if neighbours < 1 or boost < 0:
+        raise ValueError(f"neighbours must be at least 1 and boost 0 or more, got {neighbours} and {boost}")
+    categories = [category_of(h.product_id) for h in hits]
+    voters = [c for c in categories[:neighbours] if c]
+    if not voters or boost == 0:
+        return list(hits)
+    share = {c: n / len(voters) for c, n in Counter(voters).items()}
+    spread = max(h.score for h in hits) - min(h.score for h in hits)
+
+    def key(i: int) -> tuple[float, ...]:
+        vote, score = share.get(categories[i], 0.0), hits[i].score
+        return (-vote, -score) if math.isinf(boost) else (-(score + boost * spread * vote),)
+
+    return [hits[i] for i in sorted(range(len(hits)), key=key)]

@@ -15,7 +15,7 @@ from engine.errors import IndexNotReady, ReindexRequired
 from engine.features import FeatureExtractor
 from engine.images import load_image
 from engine.index import IndexStore, LoadedIndex
-from engine.ranking import angular_to_cosine, best_per_product
+from engine.ranking import RERANK_POOL, angular_to_cosine, best_per_product, category_vote_rerank
 from engine.settings import EngineSettings
 from engine.types import Match, Product, SearchResult
 
@@ -162,15 +162,19 @@ class Searcher:
         if index.whitening is not None:
             vector = index.whitening.apply(vector[None])[0]
         total = index.annoy.get_n_items()
-        want = min(top_k, len(index.products))
-        n = top_k * 4
+        boost = self.settings.category_boost
+        pool = max(top_k, RERANK_POOL) if boost else top_k
+        want = min(pool, len(index.products))
+        n = pool * 4
         while True:
-            ranked = best_per_product(self._nearest(index, vector, n), index.image_products, top_k)
-            # Multi-image products can crowd the list: widen until top_k distinct products are found.
+            ranked = best_per_product(self._nearest(index, vector, n), index.image_products, pool)
+            # Multi-image products can crowd the list: widen until enough distinct products are found.
             if len(ranked) >= want or n >= total:
                 break
             n *= 2
-        return self._result(index, ranked, start)
+        if boost:
+            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost=boost)
+        return self._result(index, ranked[:top_k], start)
 
     def _result(self, index: LoadedIndex, ranked, start: float) -> SearchResult:
         matches = [

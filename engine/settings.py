@@ -26,6 +26,10 @@ WHITENING_METHODS = ("auto", "pca", "learned")
 # Annoy index and its distance cost, within noise in `vsearch eval` (README, Quality and Performance).
 DEFAULT_INDEX_DIMS = 256
 MIN_INDEX_DIMS = 8
+# Re-ranking by the category vote of the top products (engine.ranking.category_vote_rerank); 0 turns it off.
+# 0.5: the largest of 0.1, 0.25, 0.5, 1 and inf that kept clean, photo-like and cluttered recall on run 12's
+# validation products (README, Quality: "Re-ranking by the category vote").
+DEFAULT_CATEGORY_BOOST = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class EngineSettings:
     threads: int = 0  # 0 = auto: all cores but one (see FeatureExtractor)
     localize: str = "auto"
     feature_block: int = 5  # the conv block whose output is pooled (4 for weights trained by `vsearch train`)
+    category_boost: float = DEFAULT_CATEGORY_BOOST  # search results: the photo's likely category first (0: off)
 
     @property
     def index_dir(self) -> Path:
@@ -96,6 +101,7 @@ class EngineSettings:
             threads=parse_int(env, "VSEARCH_THREADS", 0, low=0, high=1024),
             localize=localize,
             feature_block=parse_int({**card, **env}, "VSEARCH_FEATURE_BLOCK", 5, low=4, high=5),
+            category_boost=parse_boost(env, "VSEARCH_CATEGORY_BOOST", DEFAULT_CATEGORY_BOOST),
         )
 
 
@@ -132,6 +138,20 @@ def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: i
         raise SettingsError(name, f"{raw!r} is not a whole number") from None
     if not low <= value <= high:
         raise SettingsError(name, f"{value} is outside {low}..{high}")
+    return value
+
+
+def parse_boost(env: Mapping[str, str], name: str, default: float) -> float:
+    """A boost of 0 or more; "inf" ranks by category first."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(name, f"{raw!r} is not a number (0 turns it off, inf ranks by category first)") from None
+    if not value >= 0:  # also refuses nan
+        raise SettingsError(name, f"{raw!r} is not 0 or more; use 0 (off), a positive number or inf")
     return value
 
 

@@ -71,7 +71,7 @@ def test_env_example_names_every_setting():
                  "TELEGRAM_API_BASE_URL", "TELEGRAM_FILE_BASE_URL", "TELEGRAM_WEBHOOK_URL",
                  "TELEGRAM_WEBHOOK_SECRET", "VIBER_AUTH_TOKEN", "VIBER_API_BASE_URL", "WHATSAPP_ACCESS_TOKEN",
                  "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN", "WHATSAPP_PHONE_NUMBER_ID",
-                 "WHATSAPP_API_BASE_URL", "VSEARCH_MEDIA_ALLOW_HOSTS"]:
+                 "WHATSAPP_API_BASE_URL", "VSEARCH_MEDIA_ALLOW_HOSTS", "VSEARCH_CATEGORY_BOOST"]:
         assert name in text, name
     # The example as written (empty channel values) is a valid configuration.
     values = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))

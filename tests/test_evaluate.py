@@ -267,3 +267,33 @@ def test_query_expansion_adds_an_aqe_twin_of_each_cosine_method(catalog):
     assert names == ["gem", SEED_BASELINE, "gem+aqe"]
     twin = report.methods[-1]
     assert twin.metrics["clean_r5"] is not None and twin.metrics["same_r1"] is not None
+
+
+def test_category_vote_twins_rerank_and_a_zero_boost_changes_nothing(catalog):
+    report = run_eval(catalog, extractor=PixelExtractor(), poolings=("gem",), whitening=(False,),
+                      category_boosts=(0.0, 0.1, float("inf")), queries=("clean",), progress=False,
+                      include_seed_baseline=False)
+    by_name = {m.method: m.metrics for m in report.methods}
+    assert list(by_name) == ["gem", "gem+cat0", "gem+cat0.1", "gem+catinf"]
+    # boost 0 goes through the re-ranking path (wider pool, best image per product) and must rank as the plain one
+    assert by_name["gem+cat0"] == by_name["gem"]
+    for metrics in by_name.values():
+        assert metrics["category_p5"] is not None and metrics["clean_r5"] is not None
+
+
+def test_category_vote_rerank_by_hand():
+    from engine.ranking import ProductHit, category_vote_rerank
+
+    category = {"a": "boots", "b": "shoes", "c": "shoes", "d": "shoes", "e": None}
+    hits = [ProductHit("a", 0.90, 0), ProductHit("b", 0.89, 1), ProductHit("c", 0.88, 2),
+            ProductHit("e", 0.85, 3), ProductHit("d", 0.70, 4)]
+    order = lambda boost: [h.product_id for h in category_vote_rerank(hits, category.get, boost, neighbours=3)]  # noqa: E731
+    # the top 3 vote shoes 2/3, boots 1/3; boost 0.5 of the spread 0.2: b 0.957, c 0.947, a 0.933, e 0.85 (no
+    # category), d 0.767
+    assert order(0.5) == ["b", "c", "a", "e", "d"]
+    assert order(0.05) == ["a", "b", "c", "e", "d"]  # a's lead of 0.01 over b outweighs 0.05 * 0.2 / 3
+    assert order(float("inf")) == ["b", "c", "d", "a", "e"]  # categories in vote order, then the uncategorised
+    assert order(0.0) == ["a", "b", "c", "e", "d"]
+    assert [h.product_id for h in category_vote_rerank(hits, lambda _: None, 1.0, neighbours=3)] == ["a", "b", "c", "e", "d"]
+    with pytest.raises(ValueError):
+        category_vote_rerank(hits, category.get, 0.1, neighbours=0)

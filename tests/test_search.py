@@ -93,3 +93,33 @@ def test_concurrent_searches_agree(searcher, demo_catalog):
     for t in threads:
         t.join()
     assert results == [expected] * 4
+
+
+def test_category_vote_puts_the_photos_likely_category_first(searcher, demo_catalog):
+    import dataclasses
+    from collections import Counter
+
+    from engine.ranking import RERANK_NEIGHBOURS, RERANK_POOL
+
+    data = (demo_catalog.parent / "images" / "demo-004-1.jpg").read_bytes()
+    voted = Searcher(dataclasses.replace(searcher.settings, category_boost=float("inf")), extractor=searcher.extractor)
+    plain = searcher.search(data, RERANK_POOL).matches
+    reranked = voted.search(data, 8).matches
+    share = Counter(m.product.category for m in plain[:RERANK_NEIGHBOURS])
+    # categories in vote order, each one's products by their (unchanged) similarity
+    keys = [(-share[m.product.category], -m.score) for m in reranked]
+    assert keys == sorted(keys)
+    assert {m.product.id: m.score for m in reranked}.items() <= {m.product.id: m.score for m in plain}.items()
+    assert len({m.product.category for m in plain[:RERANK_NEIGHBOURS]}) >= 2  # the vote had a choice to make
+
+
+def test_category_boost_setting_validates():
+    from engine.errors import SettingsError
+    from engine.settings import DEFAULT_CATEGORY_BOOST, EngineSettings
+
+    assert EngineSettings.from_env({}).category_boost == DEFAULT_CATEGORY_BOOST
+    assert EngineSettings.from_env({"VSEARCH_CATEGORY_BOOST": "0.25"}).category_boost == 0.25
+    assert EngineSettings.from_env({"VSEARCH_CATEGORY_BOOST": "inf"}).category_boost == float("inf")
+    for bad in ("-0.1", "nan", "lots"):
+        with pytest.raises(SettingsError, match="VSEARCH_CATEGORY_BOOST"):
+            EngineSettings.from_env({"VSEARCH_CATEGORY_BOOST": bad})

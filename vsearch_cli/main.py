@@ -156,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         localize=extractor.localizes,
         white_dims=(None, settings.index_dims or None),  # full dims and the index's (VSEARCH_INDEX_DIMS)
         learned_whitening=learned.projection if learned else None,  # rows "gem+lwhite"
+        category_boosts=(settings.category_boost,) if settings.category_boost else (),  # rows "+catB", as searched
     )
     markdown = report.to_markdown()
     print(markdown)

@@ -184,6 +184,8 @@ def test_eval_split_file_measures_the_held_out_test_products_only(tmp_path, demo
     assert report["split"] == {"train_products": len(ids) - 5, "eval_products": 3}
     assert report["products"] == 3 and report["localized"] is False
     assert "cluttered R@5" in capsys.readouterr().out
+    # the engine's category vote (VSEARCH_CATEGORY_BOOST, default 0.5) is measured beside each cosine method
+    assert {"avg+cat0.5", "avg+white+cat0.5"} <= {m["method"] for m in report["methods"]}
 
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
     assert cli_main(["eval", str(demo_catalog), "--split-file", str(tmp_path / "bad.json")]) != 0

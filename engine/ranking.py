@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,25 +62,37 @@ def category_vote_rerank(
     boost: float,
     neighbours: int = RERANK_NEIGHBOURS,
 ) -> list[ProductHit]:
-    """Re-rank product hits (best first) so that the photo's likely category comes first.
-
-    The top `neighbours` hits vote for their products' categories; each hit's score is raised by `boost` times
-    its category's share of the vote times the spread of the hits' scores (so that one boost means the same
-    whatever the pooling and whitening: at 1, a category with all the votes lifts the last hit level with the
-    first), a product without a category gets nothing, and the hits are re-sorted, ties keeping their order.
-    `boost=inf` puts the categories in vote order, each one's hits in score order.
-    """
-    if neighbours < 1 or boost < 0:
-        raise ValueError(f"neighbours must be at least 1 and boost 0 or more, got {neighbours} and {boost}")
-    categories = [category_of(h.product_id) for h in hits]
-    voters = [c for c in categories[:neighbours] if c]
-    if not voters or boost == 0:
-        return list(hits)
+    """Re-rank product hits (best first) so that the photo's likely category comes first: the top
+    `neighbours` hits vote for their products' categories (a product without a category does not vote),
+    and `category_rerank` raises each hit by its category's share of the vote."""
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be at least 1, got {neighbours}")
+    voters = [c for c in (category_of(h.product_id) for h in hits[:neighbours]) if c]
     share = {c: n / len(voters) for c, n in Counter(voters).items()}
+    return category_rerank(hits, category_of, share, boost)
+
+
+def category_rerank(
+    hits: Sequence[ProductHit],
+    category_of: Callable[[str], str | None],
+    share: Mapping[str, float],
+    boost: float,
+) -> list[ProductHit]:
+    """Raise each hit's score by `boost` times its category's `share` (0 to 1) times the spread of the hits'
+    scores (so that one boost means the same whatever the pooling and whitening: at 1, a category with a
+    share of 1 lifts the last hit level with the first) and re-sort, ties keeping their order; a product
+    without a category gets nothing. `boost=inf` puts the categories in share order, each one's hits in
+    score order. Without shares, or with boost 0, the hits stay as they are.
+    """
+    if boost < 0:
+        raise ValueError(f"boost must be 0 or more, got {boost}")
+    if not share or boost == 0 or not hits:
+        return list(hits)
+    categories = [category_of(h.product_id) for h in hits]
     spread = max(h.score for h in hits) - min(h.score for h in hits)
 
     def key(i: int) -> tuple[float, ...]:
-        vote, score = share.get(categories[i], 0.0), hits[i].score
+        vote, score = share.get(categories[i] or "", 0.0), hits[i].score
         return (-vote, -score) if math.isinf(boost) else (-(score + boost * spread * vote),)
 
     return [hits[i] for i in sorted(range(len(hits)), key=key)]

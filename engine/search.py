@@ -15,7 +15,13 @@ from engine.errors import IndexNotReady, ReindexRequired
 from engine.features import FeatureExtractor
 from engine.images import load_image
 from engine.index import IndexStore, LoadedIndex
-from engine.ranking import RERANK_POOL, angular_to_cosine, best_per_product, category_vote_rerank
+from engine.ranking import (
+    RERANK_POOL,
+    angular_to_cosine,
+    best_per_product,
+    category_rerank,
+    category_vote_rerank,
+)
 from engine.settings import EngineSettings
 from engine.types import Match, Product, SearchResult
 
@@ -139,17 +145,30 @@ class Searcher:
         return [self._search_vector(index, v, top_k, start) for v in vectors]
 
     def similar(self, product_id: str, top_k: int) -> SearchResult:
-        """Products like a catalog product: its images' vectors are the queries."""
+        """Products like a catalog product: its images' vectors are the queries; with the category boost, its
+        own category comes first (the products of the top RERANK_POOL re-ranked as the vote would re-rank them
+        if every voter had that category)."""
         start = time.perf_counter()
         index = self._current()
         if product_id not in index.product_images:
             raise KeyError(product_id)
+        boost = self.settings.category_boost
+        pool = max(top_k, RERANK_POOL) if boost else top_k
         hits: list[tuple[int, float]] = []
         for item in index.product_images[product_id]:
             vector = np.asarray(index.annoy.get_item_vector(item), dtype=np.float32)
-            hits.extend(self._nearest(index, vector, top_k + len(index.product_images[product_id])))
-        ranked = best_per_product(hits, index.image_products, top_k, exclude=frozenset([product_id]))
-        return self._result(index, ranked, start)
+            hits.extend(self._nearest(index, vector, pool + len(index.product_images[product_id])))
+        ranked = best_per_product(hits, index.image_products, pool, exclude=frozenset([product_id]))
+        if boost:
+            # The product's own category is known: it takes the place of the neighbours' vote.
+            category = index.products[product_id].category
+
+            def category_of(pid: str) -> str | None:
+                return index.products[pid].category
+
+            ranked = (category_rerank(ranked, category_of, {category: 1.0}, boost) if category
+                      else category_vote_rerank(ranked, category_of, boost))
+        return self._result(index, ranked[:top_k], start)
 
     def _nearest(self, index: LoadedIndex, vector: np.ndarray, n: int) -> list[tuple[int, float]]:
         total = index.annoy.get_n_items()
@@ -173,7 +192,7 @@ class Searcher:
                 break
             n *= 2
         if boost:
-            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost=boost)
+            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost)
         return self._result(index, ranked[:top_k], start)
 
     def _result(self, index: LoadedIndex, ranked, start: float) -> SearchResult:

@@ -297,3 +297,19 @@ def test_category_vote_rerank_by_hand():
     assert [h.product_id for h in category_vote_rerank(hits, lambda _: None, 1.0, neighbours=3)] == ["a", "b", "c", "e", "d"]
     with pytest.raises(ValueError):
         category_vote_rerank(hits, category.get, 0.1, neighbours=0)
+
+
+def test_category_rerank_with_a_known_category():
+    from engine.ranking import ProductHit, category_rerank
+
+    category = {"a": "boots", "b": "shoes", "c": "shoes", "d": None}
+    hits = [ProductHit("a", 0.9, 0), ProductHit("b", 0.8, 1), ProductHit("d", 0.75, 2), ProductHit("c", 0.5, 3)]
+    order = lambda boost: [h.product_id for h in category_rerank(hits, category.get, {"shoes": 1.0}, boost)]  # noqa: E731
+    # spread 0.4: at 0.5 shoes gain 0.2: b 1.0, a 0.9, d 0.75 (no category), c 0.7
+    assert order(0.5) == ["b", "a", "d", "c"]
+    assert order(float("inf")) == ["b", "c", "a", "d"]
+    assert order(0.0) == ["a", "b", "d", "c"]
+    assert [h.product_id for h in category_rerank(hits, category.get, {}, 1.0)] == ["a", "b", "d", "c"]
+    assert category_rerank([], category.get, {"shoes": 1.0}, 1.0) == []
+    with pytest.raises(ValueError):
+        category_rerank(hits, category.get, {"shoes": 1.0}, -0.5)

@@ -113,6 +113,29 @@ def test_category_vote_puts_the_photos_likely_category_first(searcher, demo_cata
     assert len({m.product.category for m in plain[:RERANK_NEIGHBOURS]}) >= 2  # the vote had a choice to make
 
 
+def test_more_like_this_puts_the_products_own_category_first(searcher):
+    import dataclasses
+
+    from engine.ranking import RERANK_POOL
+
+    def similar(boost: float, top_k: int):
+        settings = dataclasses.replace(searcher.settings, category_boost=boost)
+        return Searcher(settings, extractor=searcher.extractor).similar("demo-004", top_k).matches
+
+    own = searcher.product("demo-004").category
+    plain = similar(0.0, RERANK_POOL)
+    first = similar(float("inf"), 8)
+    # the product's own category first, then the others; within each, by (unchanged) similarity
+    keys = [(m.product.category != own, -m.score) for m in first]
+    assert keys == sorted(keys)
+    assert {m.product.id: m.score for m in first}.items() <= {m.product.id: m.score for m in plain}.items()
+    # from the wider pool: every product of its category among the top RERANK_POOL, some beyond the plain top 8
+    same = [m.product.id for m in plain if m.product.category == own]
+    assert [m.product.id for m in first[: len(same)]] == same
+    assert set(same) - {m.product.id for m in plain[:8]}
+    assert "demo-004" not in {m.product.id for m in first}
+
+
 def test_category_boost_setting_validates():
     from engine.errors import SettingsError
     from engine.settings import DEFAULT_CATEGORY_BOOST, EngineSettings

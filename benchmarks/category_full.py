@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/category_full.py --categories /tmp/combined/categories_unseen.csv \
         --choice RUN/categories_choice.csv --weights random RUN/weights.pth [--size 160] [--parts 3]
-        [--category-boost B]
+        [--category-boost B] [--shape-weight W]
 `benchmarks/train_eval.py` reports category precision on a seeded sample of 1,000 products (the index holds
 those 1,000); `--products val` chose settings on 500 others (a seeded sample of `categories_choice.csv`, which
 `train_eval.py --products val` writes beside the split). This script leaves those 500 out and measures the
@@ -12,7 +12,8 @@ Each weights spec is measured as the engine uses it: at --size px, GeM of the mo
 pooling where the weights carry a mask head; rows gem (no whitening), gem+white (PCA whitening fitted on the
 evaluated products) and gem+lwhite (the learned whitening beside the weights, where there is one); with
 --category-boost B, each of them also re-ranked by the category vote of its top products ("+catB", as
-`Searcher.search` does with VSEARCH_CATEGORY_BOOST=B).
+`Searcher.search` does with VSEARCH_CATEGORY_BOOST=B), and with --shape-weight W and masked pooling also with
+the voters chosen by silhouette too ("+catB+shapeW", VSEARCH_SHAPE_WEIGHT=W).
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def main() -> int:
     parser.add_argument("--parts", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--category-boost", type=float, default=0.0, help="also re-ranked by the category vote")
+    parser.add_argument("--shape-weight", type=float, default=0.0,
+                        help="with --category-boost: also with the voters chosen by silhouette too (masked pooling)")
     args = parser.parse_args()
     methods = ["gem", "gem+white", "gem+lwhite"]
     boosts = (args.category_boost,) if args.category_boost else ()
-    methods += [f"{m}+cat{b:g}" for b in boosts for m in methods]
+    shapes = (args.shape_weight,) if args.shape_weight and boosts else ()
+    methods += [f"{m}+cat{b:g}" for b in boosts for m in methods] + [
+        f"{m}+cat{b:g}+shape{w:g}" for b in boosts for w in shapes for m in methods]
 
     rows = list(csv.DictReader(args.categories.open(encoding="utf-8", newline="")))
     for row in rows:  # image paths relative to the catalog, as the catalog reader resolves them
@@ -82,7 +87,8 @@ def main() -> int:
                 report = run_eval(catalog, extractor=extractor, column_map={"id": "product_id"}, queries=(),
                                   poolings=("gem",), whitening=(False, True), include_seed_baseline=False,
                                   learned_whitening=learned.projection if learned else None,
-                                  localize=extractor.localizes, category_boosts=boosts, progress=False)
+                                  localize=extractor.localizes, category_boosts=boosts, shape_weights=shapes,
+                                  progress=False)
                 p5 = {m.method: m.metrics["category_p5"] for m in report.methods}
                 cells = [f"{p5[m]:.3f}" if m in p5 else "-" for m in methods]
                 print(f"| {extractor.weights_id} | {name}: {report.products} | " + " | ".join(cells) + " |", flush=True)

@@ -3,12 +3,14 @@
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
         [--localize both|on|crop|mask|off] [--white-dims 0,256] [--feature-block 4] [--category-boosts 0.1,inf]
-        [--json out.json]
+        [--shape-weights 0.5,0.7] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling of conv block --feature-block
 (default 5, the engine's; for trained weights as their model card gives), every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does; "+lwhite": the learned whitening
 beside the weights, where it fits these settings, centred on the evaluated catalog), alpha query expansion
-(re-ranking, "+aqe"), optionally re-ranking by the category vote ("+catB", --category-boosts) and, for weights with a mask head, localisation on and off:
+(re-ranking, "+aqe"), optionally re-ranking by the category vote ("+catB", --category-boosts; with masked
+pooling also with the voters chosen by silhouette too, "+catB+shapeW", --shape-weights) and, for weights with
+a mask head, localisation on and off:
 - on the split's test products (held out and never used to pick an epoch): clean, photo-like and
   cluttered photo-like recall@1/@5 (engine.evaluate.run_eval, the code of `vsearch eval`);
 - category precision@5 on --categories (a seeded sample of products that were not in the training
@@ -115,7 +117,8 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     learned = None if spec == "thumbnail" else matching_learned_whitening(spec, extractor, "gem")[0]
     common = {"extractor": extractor, "poolings": ("gem",), "whitening": (False, True), "progress": False,
               "white_dims": args.white_dims, "learned_whitening": learned.projection if learned else None,
-              "localize": on, "query_expansion": True, "category_boosts": args.category_boosts, "seed": args.seed}
+              "localize": on, "query_expansion": True, "category_boosts": args.category_boosts,
+              "shape_weights": args.shape_weights, "seed": args.seed}
     start = time.perf_counter()
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)
     cats = run_eval(args.categories, column_map={"id": "product_id"}, limit=args.categories_limit, queries=(),
@@ -168,11 +171,15 @@ def main() -> int:
     parser.add_argument("--category-boosts", default="",
                         help="comma list of boosts B: each cosine method gets a '+catB' twin re-ranked by the "
                         "category vote of its top products (engine.ranking.category_vote_rerank; inf: categories first)")
+    parser.add_argument("--shape-weights", default="",
+                        help="comma list of weights W: with masked pooling, each '+catB' twin gets a '+catB+shapeW' "
+                        "twin whose voters are chosen by silhouette too (engine.ranking.shape_voters)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     args.categories_seed = 0
     args.white_dims = tuple(int(d) or None for d in args.white_dims.split(","))
     args.category_boosts = tuple(float(b) for b in args.category_boosts.split(",") if b)
+    args.shape_weights = tuple(float(w) for w in args.shape_weights.split(",") if w)
     split = json.loads(Path(args.split).read_text(encoding="utf-8"))
     catalog = read_train_catalog(Path(split["catalog"]), None)
     if catalog.sha256 != split["catalog_sha256"]:

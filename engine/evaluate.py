@@ -26,7 +26,9 @@ from engine.ranking import (
     alpha_query_expansion,
     best_per_product,
     category_vote_rerank,
+    shape_voters,
 )
+from engine.shape import ShapeSpace
 from indexer.catalog import Catalog, read_catalog
 
 # photo: photo_like pasted on a cluttered background; plain: photo_like on the catalog's own background;
@@ -194,6 +196,7 @@ class _Entry:
 class _Vectors:
     pooled: dict[str, np.ndarray]  # pooling -> (N, C) L2-normalised
     raw: np.ndarray | None  # (N, F) seed-baseline vectors
+    shapes: np.ndarray | None = None  # (N, SHAPE_CELLS) silhouettes where the extractor draws them (engine.shape)
 
 
 def split_products(
@@ -244,6 +247,7 @@ def run_eval(
     localize: bool = False,
     query_expansion: bool = False,
     category_boosts: Sequence[float] = (),
+    shape_weights: Sequence[float] = (),
     learned_whitening: np.ndarray | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -257,7 +261,9 @@ def run_eval(
     `query_expansion`: every cosine method gets a "+aqe" twin that re-ranks with alpha query expansion.
     `category_boosts`: every cosine method gets a "+catB" twin per boost B that re-ranks its top RERANK_POOL
     products by the category vote of the top ones (`engine.ranking.category_vote_rerank`, labels
-    from `category_field`), as `Searcher.search` can.
+    from `category_field`), as `Searcher.search` can. `shape_weights`: where the extractor draws silhouettes
+    (masked pooling), each "+catB" twin gets a "+catB+shapeW" twin per weight W whose voters are chosen by
+    silhouette too (`engine.ranking.shape_voters`), as `Searcher.search` does with VSEARCH_SHAPE_WEIGHT=W.
     `white_dims`: the whitened methods are measured at each of these dims (None: all of the pooled vector's),
     as `Whitening.fit(dims=...)` keeps them; a reduced one is named like "avg+white256".
     `learned_whitening`: a projection learned from pairs of GeM vectors (engine.learned_whitening); the
@@ -278,6 +284,8 @@ def run_eval(
         raise ValueError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if any(not 0 < w <= 1 for w in shape_weights):
+        raise ValueError(f"shape_weights must be within 0..1 (0 excluded: the plain vote), got {list(shape_weights)}")
     if isinstance(split, tuple):
         if set(split[0]) & set(split[1]):
             raise ValueError("the split's train and eval products overlap; a split must be product-disjoint")
@@ -337,7 +345,12 @@ def run_eval(
     cosine = [m for m in methods if m.distance == "cosine"]
     if query_expansion:
         methods += [_with_query_expansion(m) for m in cosine]
-    methods += [_with_category_vote(m, boost) for boost in category_boosts for m in cosine]
+    # Silhouettes in the space the index keeps them in: centred on the catalog's (train products') mean.
+    shape_space = ShapeSpace.fit(vectors.shapes[is_train]) if vectors.shapes is not None else None
+    index_shapes = shape_space.apply(vectors.shapes[is_eval]) if shape_space is not None else None
+    weights = (0.0, *shape_weights) if index_shapes is not None else (0.0,)
+    methods += [_with_category_vote(m, boost, w, index_shapes) for boost in category_boosts for w in weights
+                for m in cosine]
     image_products = [e.product_id for e in eval_entries]
     label_of = {e.product_id: e.label for e in eval_entries}
     per_product = Counter(image_products)
@@ -364,7 +377,9 @@ def run_eval(
         base = method.index
         if multi.any():
             rows = np.flatnonzero(multi)
-            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows)
+            own_shapes = index_shapes[rows] if index_shapes is not None else None
+            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows,
+                                       query_shapes=own_shapes)
             truth = [image_products[i] for i in rows]
             method.result.metrics["same_r1"] = recall_at_k(ranked, truth, 1)
             method.result.metrics["same_r5"] = recall_at_k(ranked, truth, 5)
@@ -372,7 +387,9 @@ def run_eval(
         if category_ok:
             rows = np.flatnonzero(has_label)
             own = [image_products[i] for i in rows]
-            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows, own)
+            own_shapes = index_shapes[rows] if index_shapes is not None else None
+            ranked = _product_rankings(method, base[rows], k_images, image_products, label_of, rows, own,
+                                       query_shapes=own_shapes)
             method.result.metrics["category_p5"] = float(
                 np.mean([precision_at_k([label_of[p] for p in r], labels[i], 5) for r, i in zip(ranked, rows, strict=True)])
             )
@@ -391,8 +408,10 @@ def run_eval(
             )
         seconds[f"{kind} queries"] = time.perf_counter() - started
         queries_count[kind] = len(eval_entries)
+        query_shapes = shape_space.apply(qvectors.shapes) if shape_space and qvectors.shapes is not None else None
         for method in methods:
-            ranked = _product_rankings(method, method.project(qvectors), k_images, image_products, label_of)
+            ranked = _product_rankings(method, method.project(qvectors), k_images, image_products, label_of,
+                                       query_shapes=query_shapes)
             method.result.metrics[f"{kind}_r1"] = recall_at_k(ranked, image_products, 1)
             method.result.metrics[f"{kind}_r5"] = recall_at_k(ranked, image_products, 5)
 
@@ -509,6 +528,8 @@ def _extract(
     skipped: list[str] = []
     pooled: dict[str, list[np.ndarray]] = {p: [] for p in poolings}
     raw: list[np.ndarray] = []
+    shapes: list[np.ndarray] = []
+    both = getattr(extractor, "maps_and_shapes", None)  # engine.features.FeatureExtractor: silhouettes too
     with tqdm(total=len(entries), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(entries), batch_size):
             images: list[Image.Image] = []
@@ -524,7 +545,10 @@ def _extract(
                 images.append(transform(img, entry))
                 kept.append(entry)
             if images:
-                maps = extractor.conv_maps(extractor.localize(images) if localize else images)
+                shown = extractor.localize(images) if localize else images
+                maps, batch_shapes = both(shown) if both is not None else (extractor.conv_maps(shown), None)
+                if batch_shapes is not None:
+                    shapes.append(batch_shapes)
                 for p in poolings:
                     pooled[p].append(pool(maps, p))
                 if with_raw:
@@ -533,6 +557,7 @@ def _extract(
     vectors = _Vectors(
         pooled={p: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for p, v in pooled.items()},
         raw=np.concatenate(raw) if raw else None,
+        shapes=np.concatenate(shapes) if shapes else None,
     )
     return kept, vectors, skipped
 
@@ -545,6 +570,8 @@ class _Method:
     distance: str
     expand: Callable[[np.ndarray], np.ndarray] | None = None  # re-ranking of projected queries (alpha QE)
     category_boost: float | None = None  # re-ranking of the product hits by their categories' vote
+    shape_weight: float = 0.0  # the silhouette's share in choosing the voters (needs index_shapes)
+    index_shapes: np.ndarray | None = None  # silhouettes of the evaluated images, in the shape space
 
     def queries(self, projected: np.ndarray) -> np.ndarray:
         return self.expand(projected) if self.expand is not None else projected
@@ -608,10 +635,14 @@ def _with_query_expansion(method: _Method) -> _Method:
     return _Method(result, index, method.project, method.distance, lambda q: alpha_query_expansion(q, index))
 
 
-def _with_category_vote(method: _Method, boost: float) -> _Method:
+def _with_category_vote(
+    method: _Method, boost: float, shape_weight: float = 0.0, index_shapes: np.ndarray | None = None
+) -> _Method:
     r = method.result
-    result = MethodResult(f"{r.method}+cat{boost:g}", r.pooling, r.whitening, r.distance, r.dims, dict.fromkeys(METRICS))
-    return _Method(result, method.index, method.project, method.distance, category_boost=boost)
+    name = f"{r.method}+cat{boost:g}" + (f"+shape{shape_weight:g}" if shape_weight else "")
+    result = MethodResult(name, r.pooling, r.whitening, r.distance, r.dims, dict.fromkeys(METRICS))
+    return _Method(result, method.index, method.project, method.distance, category_boost=boost,
+                   shape_weight=shape_weight, index_shapes=index_shapes)
 
 
 def _product_rankings(
@@ -622,9 +653,11 @@ def _product_rankings(
     label_of: Mapping[str, str | None],
     self_rows: np.ndarray | None = None,
     exclude_products: Sequence[str] | None = None,
+    query_shapes: np.ndarray | None = None,
 ) -> list[list[str]]:
     """Top PRODUCTS_RANKED products per query of `projected` (in `method`'s space, before its query re-ranking);
-    `self_rows[i]` (the query's own image) is never a result, nor `exclude_products[i]`."""
+    `self_rows[i]` (the query's own image) is never a result, nor `exclude_products[i]`; `query_shapes` (in the
+    shape space) choose the voters of a method with a `shape_weight`."""
     extra = 1 if self_rows is not None else 0
     idx, dist = exact_knn(method.queries(projected), method.index, min(len(method.index), k_images + extra),
                           method.distance)
@@ -640,7 +673,11 @@ def _product_rankings(
             continue
         hits = [(int(j), 1.0 - float(d)) for j, d in zip(row, row_dist, strict=True)]
         pool = best_per_product(hits, image_products, RERANK_POOL, exclude=frozenset(exclude))
-        reranked = category_vote_rerank(pool, label_of.get, boost)
+        voters = None
+        if method.shape_weight and method.index_shapes is not None and query_shapes is not None:
+            similarity = [float(method.index_shapes[h.image_index] @ query_shapes[i]) for h in pool]
+            voters = shape_voters(pool, similarity, method.shape_weight)
+        reranked = category_vote_rerank(pool, label_of.get, boost, voters=voters)
         out.append([h.product_id for h in reranked[:PRODUCTS_RANKED]])
     return out
 

@@ -21,13 +21,14 @@ from engine.localize import (
     catalog_crop,
     clean_images,
     fitted_size,
-    masked_maps,
+    masked_maps_and_probs,
     predict_masks,
     up_to_block,
 )
 from engine.pooling import pool
 from engine.prepack import PackedConv2d, block_agreement, packed_or_eager
 from engine.settings import LOCALIZE_MODES, EngineSettings
+from engine.shape import silhouettes
 from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ class FeatureExtractor:
         if not cpu_has_native_bf16():
             return "fp32"
         batch = check_batch(self.image_size)
-        cosine = block_agreement([self._forward(batch, "fp32")], [self._forward(batch, "bf16")])
+        cosine = block_agreement([self._forward(batch, "fp32")[0]], [self._forward(batch, "bf16")[0]])
         if cosine < BF16_MIN_COSINE:
             log.warning("bf16 features drift from fp32 (cosine %.5f); using fp32", cosine)
             return "fp32"
@@ -263,13 +264,22 @@ class FeatureExtractor:
             return batch.to(torch.bfloat16), torch.autocast("cpu", enabled=False)
         return batch, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def _forward(self, batch: torch.Tensor, precision: str, background: bool = False) -> torch.Tensor:
+    @property
+    def gives_shapes(self) -> bool:
+        """True with masked pooling: the embedding pass then also gives each image's silhouette (engine.shape)."""
+        return self.localization == "mask" and self.mask_head is not None
+
+    def _forward(
+        self, batch: torch.Tensor, precision: str, background: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The pooled block's float32 maps, and with masked pooling the head's (N, S/4, S/4) probabilities."""
         batch, autocast = self._inputs(batch, precision)
         with self._lock.hold(background), torch.inference_mode(), autocast:
-            if self.localization == "mask" and self.mask_head is not None:
-                return masked_maps(self.model, self.mask_head, batch, self.feature_block, self.cleanup)
+            if self.gives_shapes:
+                assert self.mask_head is not None
+                return masked_maps_and_probs(self.model, self.mask_head, batch, self.feature_block, self.cleanup)
             out = self.embedder(batch)
-        return out.float()
+        return out.float(), None
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image, self.image_size)
@@ -295,12 +305,29 @@ class FeatureExtractor:
         """Shoppers' photos: localised first when the weights carry a mask head; catalog images use `embed`."""
         return self.embed(self.localize(images), pooling)
 
-    def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
-        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of conv block 5 (S/8 for block 4).
+    def embed_queries_with_shapes(
+        self, images: Sequence[Image.Image], pooling: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`embed_queries` and, where `gives_shapes`, each photo's (N, SHAPE_GRID**2) silhouette (else None)."""
+        maps, shapes = self.maps_and_shapes(self.localize(images))
+        return pool(maps, pooling), shapes
+
+    def maps_and_shapes_from_arrays(
+        self, arrays: Sequence[np.ndarray], background: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Preprocessed (3, S, S) arrays -> (N, 512, S/16, S/16) float32 maps of conv block 5 (S/8 for block 4),
+        and where `gives_shapes` the silhouettes the mask head drew in the same pass (else None).
 
         `background=True` (index builds) lets waiting searches run first.
         """
-        return self._forward(torch.from_numpy(np.stack(arrays)), self.precision, background)
+        maps, probs = self._forward(torch.from_numpy(np.stack(arrays)), self.precision, background)
+        return maps, silhouettes(probs, self.cleanup) if probs is not None else None
+
+    def maps_and_shapes(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, np.ndarray | None]:
+        return self.maps_and_shapes_from_arrays([self.preprocess(im) for im in images])
+
+    def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
+        return self.maps_and_shapes_from_arrays(arrays, background)[0]
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.conv_maps_from_arrays([self.preprocess(im) for im in images])
@@ -311,3 +338,9 @@ class FeatureExtractor:
 
     def embed_arrays(self, arrays: Sequence[np.ndarray], pooling: str, background: bool = False) -> np.ndarray:
         return pool(self.conv_maps_from_arrays(arrays, background), pooling)
+
+    def embed_arrays_with_shapes(
+        self, arrays: Sequence[np.ndarray], pooling: str, background: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        maps, shapes = self.maps_and_shapes_from_arrays(arrays, background)
+        return pool(maps, pooling), shapes

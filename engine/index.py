@@ -7,6 +7,7 @@ Layout under VSEARCH_DATA_DIR/index/:
     <version>/images.json   [[product_id, image source], ...]
     <version>/products.json {product_id: Product dict}
     <version>/whitening.npz optional whitening (PCA or learned, centred on the catalog) applied to queries and items
+    <version>/shapes.npz    optional silhouettes of the images and their mean (engine.shape), for the category vote
     <version>/errors.csv    catalog rows that were not indexed, with line numbers and reasons
 """
 
@@ -21,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from annoy import AnnoyIndex
 
 from engine.errors import IndexNotReady
 from engine.pooling import Whitening
+from engine.shape import ShapeSpace
 from engine.types import Product
 
 MANIFEST_VERSION = 1
@@ -54,6 +57,7 @@ class Manifest:
     framing: str = "whole"  # "product": catalog images cropped to their product (queries are localised)
     feature_block: int = 5  # the conv block whose output was pooled (VSEARCH_FEATURE_BLOCK)
     whitening_method: str = "pca"  # "pca" (fitted on the catalog), "learned" (the weights'), "off"
+    shapes: bool = False  # shapes.npz holds the images' silhouettes (masked pooling; engine.shape)
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +88,8 @@ class LoadedIndex:
     products: dict[str, Product]
     whitening: Whitening | None
     product_images: dict[str, list[int]]
+    shape_space: ShapeSpace | None = None  # with `shapes`: the catalog's mean silhouette, for queries
+    shapes: np.ndarray | None = None  # (images, SHAPE_GRID**2) silhouettes, centred and normalised
 
     @property
     def version(self) -> str:
@@ -173,6 +179,7 @@ class IndexStore:
         products = {pid: Product.from_dict(p) for pid, p in products_raw.items()}
         whitening_path = folder / "whitening.npz"
         whitening = Whitening.load(whitening_path) if whitening_path.is_file() else None
+        shape_space, shapes = ShapeSpace.load(folder / "shapes.npz") if manifest.shapes else (None, None)
         product_images: dict[str, list[int]] = {}
         for i, (pid, _source) in enumerate(images):
             product_images.setdefault(pid, []).append(i)
@@ -184,6 +191,8 @@ class IndexStore:
             products=products,
             whitening=whitening,
             product_images=product_images,
+            shape_space=shape_space,
+            shapes=shapes,
         )
 
 
@@ -194,8 +203,10 @@ def write_version_files(
     image_rows: list[tuple[str, str]],
     products: dict[str, Product],
     whitening: Whitening | None,
+    shapes: tuple[ShapeSpace, np.ndarray] | None = None,
 ) -> None:
-    """Write one index version's files into `folder` (the hidden build folder)."""
+    """Write one index version's files into `folder` (the hidden build folder); `shapes`: the shape space and
+    the images' silhouettes in it, with a manifest saying `shapes`."""
     annoy = AnnoyIndex(manifest.dims, "angular")
     annoy.set_seed(42)
     for i, vec in enumerate(vectors):
@@ -209,6 +220,8 @@ def write_version_files(
     )
     if whitening is not None:
         whitening.save(folder / "whitening.npz")
+    if shapes is not None:
+        shapes[0].save(folder / "shapes.npz", shapes[1])
     (folder / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2), encoding="utf-8")
 
 

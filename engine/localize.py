@@ -133,10 +133,10 @@ def catalog_crop(image: Image.Image, margin: float = CleanupParams.margin) -> Im
     box = mask_box(foreground_mask(image))
     if box is None:
         return image
-    return image.crop(_padded(box, margin, image.size))
+    return image.crop(padded_box(box, margin, image.size))
 
 
-def _padded(box: tuple[int, int, int, int], margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
+def padded_box(box: tuple[int, int, int, int], margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
     pad = round(margin * max(box[2] - box[0], box[3] - box[1]))
     return max(0, box[0] - pad), max(0, box[1] - pad), min(size[0], box[2] + pad), min(size[1], box[3] + pad)
 
@@ -161,7 +161,7 @@ def clean_image(image: Image.Image, prob: np.ndarray, params: CleanupParams = Cl
     area = float(hard.mean())
     if not params.min_area <= area <= params.max_area:
         return None
-    box = _padded(mask_box(hard), params.margin, image.size)
+    box = padded_box(mask_box(hard), params.margin, image.size)
     # Crop first: the compositing then only touches the pixels that are kept.
     crop = image.crop(box)
     matte = Image.fromarray(hard[box[1] : box[3], box[0] : box[2]].astype(np.uint8) * 255)
@@ -197,9 +197,17 @@ def masked_maps(
 ) -> torch.Tensor:
     """Conv block `block`'s float32 maps weighted by `product_weights` (the background's cells near zero), from
     one pass that also runs the head (masked pooling); the caller sets inference mode and autocast."""
+    return masked_maps_and_probs(features, head, batch, block, params)[0]
+
+
+def masked_maps_and_probs(
+    features: nn.Sequential, head: MaskHead, batch: torch.Tensor, block: int, params: CleanupParams = CleanupParams()
+) -> tuple[torch.Tensor, np.ndarray]:
+    """`masked_maps` and the head's (N, S/4, S/4) product probabilities it weighed them by, from the same pass."""
     maps, logits = mask_logits(features, head, batch, block)
     maps = maps.float()
-    return maps * product_weights(torch.sigmoid(logits.float()), (maps.shape[-2], maps.shape[-1]), params)
+    prob = torch.sigmoid(logits.float())
+    return maps * product_weights(prob, (maps.shape[-2], maps.shape[-1]), params), prob[:, 0].cpu().numpy()
 
 
 def predict_masks(features: nn.Sequential, head: MaskHead, batch: torch.Tensor) -> np.ndarray:

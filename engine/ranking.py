@@ -61,13 +61,15 @@ def category_vote_rerank(
     category_of: Callable[[str], str | None],
     boost: float,
     neighbours: int = RERANK_NEIGHBOURS,
+    voters: Sequence[ProductHit] | None = None,
 ) -> list[ProductHit]:
     """Re-rank product hits (best first) so that the photo's likely category comes first: the top
-    `neighbours` hits vote for their products' categories (a product without a category does not vote),
-    and `category_rerank` raises each hit by its category's share of the vote."""
+    `neighbours` of `voters` (by default the hits themselves; see `shape_voters`) vote for their products'
+    categories (a product without a category does not vote), and `category_rerank` raises each hit by its
+    category's share of the vote."""
     if neighbours < 1:
         raise ValueError(f"neighbours must be at least 1, got {neighbours}")
-    voters = [c for c in (category_of(h.product_id) for h in hits[:neighbours]) if c]
+    voters = [c for c in (category_of(h.product_id) for h in (hits if voters is None else voters)[:neighbours]) if c]
     share = {c: n / len(voters) for c, n in Counter(voters).items()}
     return category_rerank(hits, category_of, share, boost)
 
@@ -96,3 +98,15 @@ def category_rerank(
         return (-vote, -score) if math.isinf(boost) else (-(score + boost * spread * vote),)
 
     return [hits[i] for i in sorted(range(len(hits)), key=key)]
+
+
+def shape_voters(hits: Sequence[ProductHit], shape_similarity: Sequence[float], weight: float) -> list[ProductHit]:
+    """The hits ordered by (1 - weight) x their similarity + weight x `shape_similarity` (each hit's image's
+    silhouette against the query's, engine.shape): who votes first in `category_vote_rerank`. The silhouette
+    tells a boot from a sandal better than features trained to ignore crops and perspective; ranking by it
+    would bury another photo of the same product from another side, so it only chooses the voters."""
+    if not 0 <= weight <= 1 or len(shape_similarity) != len(hits):
+        raise ValueError(f"weight must be within 0..1 and one silhouette similarity given per hit, got {weight} and "
+                         f"{len(shape_similarity)} for {len(hits)}")
+    combined = [(1 - weight) * h.score + weight * s for h, s in zip(hits, shape_similarity, strict=True)]
+    return [hits[i] for i in sorted(range(len(hits)), key=lambda i: -combined[i])]

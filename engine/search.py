@@ -21,6 +21,7 @@ from engine.ranking import (
     best_per_product,
     category_rerank,
     category_vote_rerank,
+    shape_voters,
 )
 from engine.settings import EngineSettings
 from engine.types import Match, Product, SearchResult
@@ -124,16 +125,18 @@ class Searcher:
         """Side to decode query JPEGs at (see FeatureExtractor.query_draft_size)."""
         return self.extractor.query_draft_size
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Query photos -> vectors (localised first where the weights have a mask head)."""
-        return self.extractor.embed_queries(images, self.settings.pooling)
+    def embed_images(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Query photos -> vectors (localised first where the weights have a mask head) and each photo's
+        silhouette where the extractor draws them (masked pooling), else None."""
+        vectors, shapes = self.extractor.embed_queries_with_shapes(images, self.settings.pooling)
+        return vectors, list(shapes) if shapes is not None else [None] * len(vectors)
 
     def search(self, image_bytes: bytes, top_k: int) -> SearchResult:
         start = time.perf_counter()
         index = self._current()
         image = load_image(image_bytes, draft_size=self.draft_size)
-        vector = self.embed_images([image])[0]
-        return self._search_vector(index, vector, top_k, start)
+        vectors, shapes = self.embed_images([image])
+        return self._search_vector(index, vectors[0], top_k, start, shapes[0])
 
     def search_images(self, images: Sequence[Image.Image], top_k: int) -> list[SearchResult]:
         """One batch through the model; each result's took_ms is the batch's time."""
@@ -141,8 +144,8 @@ class Searcher:
             return []
         start = time.perf_counter()
         index = self._current()
-        vectors = self.embed_images(images)
-        return [self._search_vector(index, v, top_k, start) for v in vectors]
+        vectors, shapes = self.embed_images(images)
+        return [self._search_vector(index, v, top_k, start, shape) for v, shape in zip(vectors, shapes, strict=True)]
 
     def similar(self, product_id: str, top_k: int) -> SearchResult:
         """Products like a catalog product: its images' vectors are the queries; with the category boost, its
@@ -177,7 +180,9 @@ class Searcher:
         ids, dists = index.annoy.get_nns_by_vector(vector.tolist(), n, search_k=search_k, include_distances=True)
         return [(i, angular_to_cosine(d)) for i, d in zip(ids, dists, strict=True)]
 
-    def _search_vector(self, index: LoadedIndex, vector: np.ndarray, top_k: int, start: float) -> SearchResult:
+    def _search_vector(
+        self, index: LoadedIndex, vector: np.ndarray, top_k: int, start: float, shape: np.ndarray | None = None
+    ) -> SearchResult:
         if index.whitening is not None:
             vector = index.whitening.apply(vector[None])[0]
         total = index.annoy.get_n_items()
@@ -192,7 +197,12 @@ class Searcher:
                 break
             n *= 2
         if boost:
-            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost)
+            voters = None
+            weight = self.settings.shape_weight
+            if weight and shape is not None and index.shapes is not None and index.shape_space is not None:
+                query_shape = index.shape_space.apply(shape[None])[0]
+                voters = shape_voters(ranked, [float(index.shapes[h.image_index] @ query_shape) for h in ranked], weight)
+            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost, voters=voters)
         return self._result(index, ranked[:top_k], start)
 
     def _result(self, index: LoadedIndex, ranked, start: float) -> SearchResult:

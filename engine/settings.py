@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ MIN_INDEX_DIMS = 8
 # 0.5: the largest of 0.1, 0.25, 0.5, 1 and inf that kept clean, photo-like and cluttered recall on run 12's
 # validation products (README, Quality: "Re-ranking by the category vote").
 DEFAULT_CATEGORY_BOOST = 0.5
+# Who votes: the top products by (1 - this) x similarity + this x silhouette similarity (engine.shape), where the
+# engine draws silhouettes (masked pooling); 0: by similarity alone. 0.7: the rule on run 12's validation
+# products (README, Quality: "The silhouette in the category vote").
+DEFAULT_SHAPE_WEIGHT = 0.7
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class EngineSettings:
     localize: str = "auto"
     feature_block: int = 5  # the conv block whose output is pooled (4 for weights trained by `vsearch train`)
     category_boost: float = DEFAULT_CATEGORY_BOOST  # search results: the photo's likely category first (0: off)
+    shape_weight: float = DEFAULT_SHAPE_WEIGHT  # the silhouette's share in choosing the category vote's voters
 
     @property
     def index_dir(self) -> Path:
@@ -102,6 +108,8 @@ class EngineSettings:
             localize=localize,
             feature_block=parse_int({**card, **env}, "VSEARCH_FEATURE_BLOCK", 5, low=4, high=5),
             category_boost=parse_boost(env, "VSEARCH_CATEGORY_BOOST", DEFAULT_CATEGORY_BOOST),
+            shape_weight=parse_float(env, "VSEARCH_SHAPE_WEIGHT", DEFAULT_SHAPE_WEIGHT, 0.0, 1.0,
+                                     "0: the vote by similarity alone, 1: by silhouette alone"),
         )
 
 
@@ -141,18 +149,23 @@ def parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: i
     return value
 
 
-def parse_boost(env: Mapping[str, str], name: str, default: float) -> float:
-    """A boost of 0 or more; "inf" ranks by category first."""
+def parse_float(env: Mapping[str, str], name: str, default: float, low: float, high: float, hint: str) -> float:
+    """A number within low..high (inf allowed where high is inf); `hint` says what the values mean."""
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(name, f"{raw!r} is not a number (0 turns it off, inf ranks by category first)") from None
-    if not value >= 0:  # also refuses nan
-        raise SettingsError(name, f"{raw!r} is not 0 or more; use 0 (off), a positive number or inf")
+        raise SettingsError(name, f"{raw!r} is not a number ({hint})") from None
+    if not low <= value <= high:  # also refuses nan
+        raise SettingsError(name, f"{raw!r} is outside {low:g}..{high:g} ({hint})")
     return value
+
+
+def parse_boost(env: Mapping[str, str], name: str, default: float) -> float:
+    """A boost of 0 or more; "inf" ranks by category first."""
+    return parse_float(env, name, default, 0.0, math.inf, "0 turns it off, inf ranks by category first")
 
 
 def parse_whitening(env: Mapping[str, str]) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ from engine.images import load_image
 from engine.index import IndexStore, Manifest, write_version_files
 from engine.learned_whitening import index_whitening
 from engine.settings import EngineSettings
+from engine.shape import SHAPE_CELLS, ShapeSpace
 from engine.types import Product
 from indexer.catalog import Catalog, ImageRef, RowError, read_catalog, write_errors_file
 from indexer.fetch import FetchError, FetchSettings, iter_fetched
@@ -86,7 +87,8 @@ def embed_catalog_images(
     fetch_settings: FetchSettings,
     progress: Callable[[BuildProgress], None] | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, str], int]:
-    """Vectors for the images that could be indexed, reasons for those that could not, and the count extracted.
+    """Vectors for the images that could be indexed (each followed by its silhouette's SHAPE_CELLS values where
+    the extractor `gives_shapes`), reasons for those that could not, and the count extracted.
 
     Downloads stream in from a background thread, decoding runs in a small thread pool, and the model
     runs on full batches in this thread, so decoding overlaps inference.
@@ -114,7 +116,9 @@ def embed_catalog_images(
             except ImageRejected as exc:
                 failures[i] = f"{exc.reason}: {exc.message}"
         if ready:
-            out = extractor.embed_arrays([arr for _, _, arr in ready], pooling, background=True)
+            out, shapes = extractor.embed_arrays_with_shapes([arr for _, _, arr in ready], pooling, background=True)
+            if shapes is not None:
+                out = np.concatenate([out, shapes], axis=1)
             for (i, _, _), vec in zip(ready, out, strict=True):
                 vectors[i] = vec
             if cache is not None:
@@ -171,6 +175,8 @@ def build_index(
             namespace += f"|{extractor.framing}"  # unchanged for whole images: existing caches stay valid
         if extractor.feature_block != 5:
             namespace += f"|block{extractor.feature_block}"
+        if extractor.gives_shapes:
+            namespace += "|shapes"  # the cached rows carry the silhouette too
         cache = FeatureCache(settings.cache_dir, namespace)
     try:
         vectors_by_ref, failures, extracted = embed_catalog_images(
@@ -194,6 +200,11 @@ def build_index(
 
     order = sorted(vectors_by_ref)
     matrix = np.stack([vectors_by_ref[i] for i in order]).astype(np.float32)
+    shapes = None
+    if extractor.gives_shapes:
+        matrix, raw_shapes = matrix[:, :-SHAPE_CELLS], matrix[:, -SHAPE_CELLS:]
+        space = ShapeSpace.fit(raw_shapes)
+        shapes = (space, space.apply(raw_shapes))
     image_rows = [(catalog.images[i].product_id, catalog.images[i].source) for i in order]
     products = _indexed_products(catalog, image_rows)
     whitening, whitening_method = index_whitening(matrix, settings, extractor)
@@ -211,6 +222,7 @@ def build_index(
             pooling=pooling,
             whitening=whitening is not None,
             whitening_method=whitening_method,
+            shapes=shapes is not None,
             image_size=extractor.image_size,
             dims=int(matrix.shape[1]),
             products=len(products),
@@ -224,7 +236,7 @@ def build_index(
             feature_block=extractor.feature_block,
             extra={"precision": extractor.precision, "bad_rows": len(errors)},
         )
-        write_version_files(tmp, manifest, matrix, image_rows, products, whitening)
+        write_version_files(tmp, manifest, matrix, image_rows, products, whitening, shapes)
         write_errors_file(errors, tmp / "errors.csv")
         store.publish(version, tmp)
     except BaseException:

@@ -32,9 +32,9 @@ class SlowExtractor:
         self._extractor = extractor
         self._delay = delay
 
-    def embed_arrays(self, arrays, pooling, **kwargs):
+    def embed_arrays_with_shapes(self, arrays, pooling, **kwargs):
         time.sleep(self._delay)
-        return self._extractor.embed_arrays(arrays, pooling, **kwargs)
+        return self._extractor.embed_arrays_with_shapes(arrays, pooling, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._extractor, name)

@@ -43,12 +43,12 @@ import sys, time
 import indexer.build as build
 mode, catalog = sys.argv[1], sys.argv[2]
 if mode == "embedding":
-    embed = build.FeatureExtractor.embed_arrays
+    embed = build.FeatureExtractor.embed_arrays_with_shapes
     def slow_embed(self, arrays, pooling, **kwargs):
         out = embed(self, arrays, pooling, **kwargs)
         print("BATCH", flush=True)
         return out
-    build.FeatureExtractor.embed_arrays = slow_embed
+    build.FeatureExtractor.embed_arrays_with_shapes = slow_embed
 else:
     write_errors = build.write_errors_file
     def write_then_hang(errors, path):

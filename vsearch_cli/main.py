@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         white_dims=(None, settings.index_dims or None),  # full dims and the index's (VSEARCH_INDEX_DIMS)
         learned_whitening=learned.projection if learned else None,  # rows "gem+lwhite"
         category_boosts=(settings.category_boost,) if settings.category_boost else (),  # rows "+catB", as searched
+        shape_weights=(settings.shape_weight,) if settings.shape_weight else (),  # rows "+catB+shapeW" (masked pooling)
     )
     markdown = report.to_markdown()
     print(markdown)

@@ -69,8 +69,9 @@ def category_vote_rerank(
     category's share of the vote."""
     if neighbours < 1:
         raise ValueError(f"neighbours must be at least 1, got {neighbours}")
-    voters = [c for c in (category_of(h.product_id) for h in (hits if voters is None else voters)[:neighbours]) if c]
-    share = {c: n / len(voters) for c, n in Counter(voters).items()}
+    voting = hits if voters is None else voters
+    votes = [c for c in (category_of(h.product_id) for h in voting[:neighbours]) if c]
+    share = {c: n / len(votes) for c, n in Counter(votes).items()}
     return category_rerank(hits, category_of, share, boost)
 
 

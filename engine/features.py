@@ -327,7 +327,8 @@ class FeatureExtractor:
         return self.maps_and_shapes_from_arrays([self.preprocess(im) for im in images])
 
     def conv_maps_from_arrays(self, arrays: Sequence[np.ndarray], background: bool = False) -> torch.Tensor:
-        return self.maps_and_shapes_from_arrays(arrays, background)[0]
+        """The maps of `maps_and_shapes_from_arrays` without drawing the silhouettes."""
+        return self._forward(torch.from_numpy(np.stack(arrays)), self.precision, background)[0]
 
     def conv_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.conv_maps_from_arrays([self.preprocess(im) for im in images])

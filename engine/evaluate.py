@@ -25,8 +25,7 @@ from engine.ranking import (
     RERANK_POOL,
     alpha_query_expansion,
     best_per_product,
-    category_vote_rerank,
-    shape_voters,
+    category_vote_with_silhouettes,
 )
 from engine.shape import ShapeSpace
 from indexer.catalog import Catalog, read_catalog
@@ -673,11 +672,9 @@ def _product_rankings(
             continue
         hits = [(int(j), 1.0 - float(d)) for j, d in zip(row, row_dist, strict=True)]
         pool = best_per_product(hits, image_products, RERANK_POOL, exclude=frozenset(exclude))
-        voters = None
-        if method.shape_weight and method.index_shapes is not None and query_shapes is not None:
-            similarity = [float(method.index_shapes[h.image_index] @ query_shapes[i]) for h in pool]
-            voters = shape_voters(pool, similarity, method.shape_weight)
-        reranked = category_vote_rerank(pool, label_of.get, boost, voters=voters)
+        query_shape = query_shapes[i] if query_shapes is not None else None
+        reranked = category_vote_with_silhouettes(pool, label_of.get, boost, method.index_shapes, query_shape,
+                                                  method.shape_weight)
         out.append([h.product_id for h in reranked[:PRODUCTS_RANKED]])
     return out
 

@@ -95,6 +95,9 @@ class LoadedIndex:
     def version(self) -> str:
         return self.manifest.version
 
+    def category_of(self, product_id: str) -> str | None:
+        return self.products[product_id].category
+
 
 class IndexStore:
     def __init__(self, index_dir: Path) -> None:

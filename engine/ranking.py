@@ -111,3 +111,20 @@ def shape_voters(hits: Sequence[ProductHit], shape_similarity: Sequence[float], 
                          f"{len(shape_similarity)} for {len(hits)}")
     combined = [(1 - weight) * h.score + weight * s for h, s in zip(hits, shape_similarity, strict=True)]
     return [hits[i] for i in sorted(range(len(hits)), key=lambda i: -combined[i])]
+
+
+def category_vote_with_silhouettes(
+    hits: Sequence[ProductHit],
+    category_of: Callable[[str], str | None],
+    boost: float,
+    image_shapes: np.ndarray | None,
+    query_shape: np.ndarray | None,
+    shape_weight: float,
+) -> list[ProductHit]:
+    """`category_vote_rerank` of the hits, its voters chosen by `shape_voters` where the silhouettes are known
+    (`image_shapes[h.image_index]` of each hit and `query_shape`, both in the index's shape space) and
+    `shape_weight` is not 0; otherwise the plain vote. `Searcher.search` and `vsearch eval` both rank this way."""
+    voters = None
+    if shape_weight and image_shapes is not None and query_shape is not None:
+        voters = shape_voters(hits, [float(image_shapes[h.image_index] @ query_shape) for h in hits], shape_weight)
+    return category_vote_rerank(hits, category_of, boost, voters=voters)

@@ -21,7 +21,7 @@ from engine.ranking import (
     best_per_product,
     category_rerank,
     category_vote_rerank,
-    shape_voters,
+    category_vote_with_silhouettes,
 )
 from engine.settings import EngineSettings
 from engine.types import Match, Product, SearchResult
@@ -156,7 +156,7 @@ class Searcher:
         if product_id not in index.product_images:
             raise KeyError(product_id)
         boost = self.settings.category_boost
-        pool = max(top_k, RERANK_POOL) if boost else top_k
+        pool = self._pool_size(top_k)
         hits: list[tuple[int, float]] = []
         for item in index.product_images[product_id]:
             vector = np.asarray(index.annoy.get_item_vector(item), dtype=np.float32)
@@ -164,14 +164,14 @@ class Searcher:
         ranked = best_per_product(hits, index.image_products, pool, exclude=frozenset([product_id]))
         if boost:
             # The product's own category is known: it takes the place of the neighbours' vote.
-            category = index.products[product_id].category
-
-            def category_of(pid: str) -> str | None:
-                return index.products[pid].category
-
-            ranked = (category_rerank(ranked, category_of, {category: 1.0}, boost) if category
-                      else category_vote_rerank(ranked, category_of, boost))
+            category = index.category_of(product_id)
+            ranked = (category_rerank(ranked, index.category_of, {category: 1.0}, boost) if category
+                      else category_vote_rerank(ranked, index.category_of, boost))
         return self._result(index, ranked[:top_k], start)
+
+    def _pool_size(self, top_k: int) -> int:
+        """Products to rank before cutting to `top_k`: with the category boost, the vote's RERANK_POOL."""
+        return max(top_k, RERANK_POOL) if self.settings.category_boost else top_k
 
     def _nearest(self, index: LoadedIndex, vector: np.ndarray, n: int) -> list[tuple[int, float]]:
         total = index.annoy.get_n_items()
@@ -186,8 +186,7 @@ class Searcher:
         if index.whitening is not None:
             vector = index.whitening.apply(vector[None])[0]
         total = index.annoy.get_n_items()
-        boost = self.settings.category_boost
-        pool = max(top_k, RERANK_POOL) if boost else top_k
+        pool = self._pool_size(top_k)
         want = min(pool, len(index.products))
         n = pool * 4
         while True:
@@ -196,13 +195,11 @@ class Searcher:
             if len(ranked) >= want or n >= total:
                 break
             n *= 2
-        if boost:
-            voters = None
-            weight = self.settings.shape_weight
-            if weight and shape is not None and index.shapes is not None and index.shape_space is not None:
-                query_shape = index.shape_space.apply(shape[None])[0]
-                voters = shape_voters(ranked, [float(index.shapes[h.image_index] @ query_shape) for h in ranked], weight)
-            ranked = category_vote_rerank(ranked, lambda pid: index.products[pid].category, boost, voters=voters)
+        if self.settings.category_boost:
+            query_shape = (index.shape_space.apply(shape[None])[0]
+                           if shape is not None and index.shape_space is not None else None)
+            ranked = category_vote_with_silhouettes(ranked, index.category_of, self.settings.category_boost,
+                                                    index.shapes, query_shape, self.settings.shape_weight)
         return self._result(index, ranked[:top_k], start)
 
     def _result(self, index: LoadedIndex, ranked, start: float) -> SearchResult:

@@ -51,6 +51,11 @@ def silhouettes(probs: np.ndarray, params: CleanupParams, grid: int = SHAPE_GRID
     return np.stack([silhouette(p, params, grid) for p in probs])
 
 
+def _trusted(shapes: np.ndarray) -> np.ndarray:
+    """(N,) bool: the rows that are silhouettes, not the all-zero row of an untrusted mask."""
+    return np.abs(shapes).sum(axis=1) > 0
+
+
 @dataclass(frozen=True)
 class ShapeSpace:
     """Silhouettes centred on the catalog's mean silhouette and L2-normalised, so that their dot product is
@@ -61,13 +66,12 @@ class ShapeSpace:
     @classmethod
     def fit(cls, shapes: np.ndarray) -> ShapeSpace:
         shapes = np.asarray(shapes, dtype=np.float32)
-        trusted = shapes[np.abs(shapes).sum(axis=1) > 0]
+        trusted = shapes[_trusted(shapes)]
         return cls((trusted.mean(axis=0) if len(trusted) else np.zeros(shapes.shape[1])).astype(np.float32))
 
     def apply(self, shapes: np.ndarray) -> np.ndarray:
         shapes = np.asarray(shapes, dtype=np.float32)
-        trusted = np.abs(shapes).sum(axis=1, keepdims=True) > 0
-        centred = np.where(trusted, shapes - self.mean, 0.0)
+        centred = np.where(_trusted(shapes)[:, None], shapes - self.mean, 0.0)
         norms = np.linalg.norm(centred, axis=1, keepdims=True)
         return (centred / np.maximum(norms, 1e-12)).astype(np.float32)
 

@@ -884,7 +884,9 @@ def fit_whitening(
     """Fit the learned whitening of `weights` (engine.learned_whitening) on pairs of `products` (one catalog
     image each), its category directions on `labelled` (product, category), write it beside them, and validate
     the weights with it and with PCA whitening: the card's entry."""
-    extractor = FeatureExtractor(str(weights), "auto", image_size=image_size, feature_block=config.feature_block)
+    # The run's own thread count: the extractor's default (all cores but one) would also slow what follows.
+    extractor = FeatureExtractor(str(weights), "auto", image_size=image_size, feature_block=config.feature_block,
+                                 threads=torch.get_num_threads())
     learned = fit_learned_whitening(extractor, [source_of[p] for p in products], len(products), config.seed,
                                     config.progress, [(source_of[p], category) for p, category in labelled],
                                     config.category_stretch)

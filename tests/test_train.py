@@ -257,9 +257,17 @@ def test_cli_entry_point_parses_options_and_trains(catalog: Path, tmp_path: Path
                               "--batch-size", "4", "--workers", "0", "--eval-fraction", "0.25", "--seed", "3",
                               "--category-stretch", "0.5"])
     assert args.category_stretch == 0.5
-    assert run_train(args) == 0
+    # The run keeps the thread count it was started with, through the learned whitening (whose extractor would
+    # otherwise take all cores but one), and its card says so.
+    torch.set_num_threads(2)
+    try:
+        assert run_train(args) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     card = json.loads((tmp_path / "run" / CARD).read_text())
     assert card["epochs_done"] == 1 and card["image_size"] == 32 and card["split"]["seed"] == 3
+    assert card["device"].endswith(", 2 threads"), card["device"]
     assert "VSEARCH_WEIGHTS=" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([str(catalog), "--arch", "resnet"])

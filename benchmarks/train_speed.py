@@ -1,8 +1,11 @@
 """Measure `vsearch train` throughput levers on this machine: precision, layout, threads, loader workers.
 
-Run: .venv/bin/python benchmarks/train_speed.py CATALOG [--size 112] [--batch 32] [--steps 4] [--map id=product_id]
+Run: .venv/bin/python benchmarks/train_speed.py CATALOG [--size 112] [--batch 32] [--steps 4] [--threads 1,2]
+    [--precisions bf16,fp32] [--sections model,augment,loader] [--map id=product_id]
 Prints one markdown row per configuration with images/s (two augmented views per product count as two
-images) and the load average, since the numbers mean little on a busy machine.
+images, as `vsearch train`'s progress bar counts them) and the load average, since the numbers mean little
+on a busy machine. The model step is `vsearch train`'s own (`train_step`: both views, the mask head and its
+loss, AdamW), on random tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from engine.localize import MaskHead  # noqa: E402
 from engine.train import (  # noqa: E402
     Embedder,
     ImageCache,
@@ -38,17 +42,23 @@ def row(config: str, ips: float) -> None:
     print(f"| {config} | {ips:.1f} | {load()} |", flush=True)
 
 
-def model_rate(size: int, batch: int, steps: int, precision: str, channels_last: bool) -> float:
+def training_model(size: int, channels_last: bool = True) -> tuple[Embedder, torch.optim.Optimizer]:
+    """`vsearch train`'s model from random init: VGG16-BN, mask head, loss on block 5, index on block 4."""
     features, _, _ = build_features("random", "vgg16_bn", 0)
-    model = Embedder(features).train()
+    model = Embedder(features, MaskHead(image_size=size), 5, 4).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    return model, torch.optim.AdamW(model.parameters(), 1e-3)
+
+
+def model_rate(size: int, batch: int, steps: int, precision: str, channels_last: bool) -> float:
+    model, optimizer = training_model(size, channels_last)
     a, b = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
-    train_step(model, optimizer, a, b, 0.1, precision)  # warm-up
+    masks = torch.rand(2 * batch, size // 4, size // 4)
+    train_step(model, optimizer, a, b, masks, 0.1, precision)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, a, b, 0.1, precision)
+        train_step(model, optimizer, a, b, masks, 0.1, precision)
     return 2 * batch * steps / (time.perf_counter() - start)
 
 
@@ -59,20 +69,22 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to time, comma-separated")
+    parser.add_argument("--precisions", default="bf16,fp32")
     parser.add_argument("--sections", default="model,augment,loader")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    thread_counts = [int(t) for t in args.threads.split(",")]
     print(f"size {args.size}, batch {args.batch} products (x2 views), {os.cpu_count()} cores, load {load()}")
     print("| config | images/s | load 1/5/15 min |")
     print("|---|---|---|", flush=True)
     if "model" in sections:
-        for threads in (1, 2):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
-            for precision in ("bf16", "fp32"):
+            for precision in args.precisions.split(","):
                 for cl in (True, False):
                     ips = model_rate(args.size, args.batch, args.steps, precision, cl)
                     row(f"model step, {threads} thread(s), {precision}, channels_last={cl}", ips)
-        torch.set_num_threads(os.cpu_count() or 1)
     if "augment" in sections or "loader" in sections:
         catalog = read_train_catalog(Path(args.catalog), parse_column_map(args.map) or None)
         images = local_images(catalog)[: args.batch * (args.steps + 2)]
@@ -85,18 +97,19 @@ def main() -> int:
                 dataset[i]
             row("augmentation only, 1 process (views)", 2 * n / (time.perf_counter() - start))
         if "loader" in sections:
-            features, _, _ = build_features("random", "vgg16_bn", 0)
-            model = Embedder(features).to(memory_format=torch.channels_last).train()
-            optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-            for workers in (0, 1, 2):
-                batches = iter(loader(dataset, args.batch, workers, 0, 1))
-                a, b = next(batches)
-                train_step(model, optimizer, a, b, 0.1, "bf16")
-                start, steps = time.perf_counter(), 0
-                for a, b in batches:
-                    train_step(model, optimizer, a, b, 0.1, "bf16")
-                    steps += 1
-                row(f"augment + train, bf16, workers={workers}", 2 * args.batch * steps / (time.perf_counter() - start))
+            model, optimizer = training_model(args.size)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for workers in (0, 1):
+                    batches = iter(loader(dataset, args.batch, workers, 0, 1))
+                    a, b, mask_a, mask_b, _ = next(batches)
+                    train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), 0.1, "bf16")
+                    start, steps = time.perf_counter(), 0
+                    for a, b, mask_a, mask_b, _ in batches:
+                        train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), 0.1, "bf16")
+                        steps += 1
+                    rate = 2 * args.batch * steps / (time.perf_counter() - start)
+                    row(f"augment + train, bf16, {threads} thread(s), workers={workers}", rate)
     return 0
 
 

@@ -3,7 +3,7 @@
 Run: .venv/bin/python benchmarks/train_eval.py --split RUN/split.json --weights random RUN/weights.pth \
         [--categories CATALOG] [--categories-limit 1000] [--latency 30] [--size 224] [--products test|val]
         [--localize both|on|crop|mask|off] [--white-dims 0,256] [--feature-block 4] [--category-boosts 0.1,inf]
-        [--shape-weights 0.5,0.7] [--json out.json]
+        [--shape-weights 0.5,0.7] [--datasets ../shared/datasets] [--json out.json]
 For each weights spec (anything VSEARCH_WEIGHTS accepts), at --size px, GeM pooling of conv block --feature-block
 (default 5, the engine's; for trained weights as their model card gives), every configuration of
 whitening (fitted on the evaluated catalog itself, as `vsearch index` does; "+lwhite": the learned whitening
@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from search_latency import latency_photo  # noqa: E402 (same folder: the same timed query)
 
 from engine.evaluate import SEED_BASELINE, run_eval, sample_products  # noqa: E402
 from engine.features import IMAGENET_MEAN as MEAN  # noqa: E402
@@ -57,6 +56,8 @@ QUERY_METRICS = ("clean_r1", "clean_r5", "plain_r1", "plain_r5", "photo_r1", "ph
 
 def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed: int, size: int, block: int) -> float:
     """p50 ms of `Searcher.search` (whole search) for one cluttered 1280x960 JPEG, after two warm-ups."""
+    from search_latency import latency_photo  # same folder: the same timed query (needs Annoy, so only here)
+
     from engine.search import Searcher
     from indexer.build import build_index
 
@@ -75,8 +76,12 @@ def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed:
 
 
 def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
-    """The products of `catalog` outside the report's seeded sample (run_eval's limit, seed 0)."""
+    """The products of `catalog` outside the report's seeded sample (run_eval's limit, seed 0); image paths
+    relative to `catalog`'s folder are written absolute, since `out` lies elsewhere."""
     rows = list(csv.DictReader(catalog.open(encoding="utf-8", newline="")))
+    for row in rows:
+        if not row["image"].startswith(("http://", "https://")):
+            row["image"] = str((catalog.parent / row["image"]).resolve())
     reported = set(sample_products([r["product_id"] for r in rows], report_limit, 0))
     with out.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -123,7 +128,7 @@ def evaluate(spec: str, localize: str, test_csv: Path, args: argparse.Namespace)
     test = run_eval(test_csv, include_seed_baseline=args.seed_baseline and not on, **common)
     cats = run_eval(args.categories, column_map={"id": "product_id"}, limit=args.categories_limit, queries=(),
                     include_seed_baseline=False, **{**common, "seed": args.categories_seed})
-    multi = run_eval(DATASETS / "shoes_multiview/catalog.csv", column_map={"id": "product_id"}, queries=(),
+    multi = run_eval(args.datasets / "shoes_multiview/catalog.csv", column_map={"id": "product_id"}, queries=(),
                      include_seed_baseline=False, **common)
     seconds = round(time.perf_counter() - start, 1)
     latency = (search_latency(spec, localize, test_csv, args.latency, args.seed, args.size, block)
@@ -150,8 +155,11 @@ def main() -> int:
     parser.add_argument("--split", required=True, help="split.json written by vsearch train")
     parser.add_argument("--weights", nargs="+", required=True,
                         help="weights specs: random, imagenet or .pth paths; thumbnail: the no-model control")
-    parser.add_argument("--categories", type=Path, default=DATASETS / "shoes_categories/catalog.csv",
-                        help="catalog for category precision@5 (products not in the training catalog)")
+    parser.add_argument("--datasets", type=Path, default=DATASETS,
+                        help="the shared datasets (shoes_multiview for same-product recall; default ../shared/datasets)")
+    parser.add_argument("--categories", type=Path, default=None,
+                        help="catalog for category precision@5 (products not in the training catalog; default "
+                        "DATASETS/shoes_categories/catalog.csv)")
     parser.add_argument("--categories-limit", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed-baseline", action="store_true", help="also the seed article's raw-feature method")
@@ -176,6 +184,7 @@ def main() -> int:
                         "twin whose voters are chosen by silhouette too (engine.ranking.shape_voters)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    args.categories = args.categories or args.datasets / "shoes_categories/catalog.csv"
     args.categories_seed = 0
     args.white_dims = tuple(int(d) or None for d in args.white_dims.split(","))
     args.category_boosts = tuple(float(b) for b in args.category_boosts.split(",") if b)

@@ -27,20 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_eval import VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED  # noqa: E402 (same folder: the same sample)
+from train_eval import VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED, write_catalog  # noqa: E402 (same folder: the same sample)
 
 from engine.evaluate import run_eval, sample_products  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.learned_whitening import matching_learned_whitening  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
-
-
-def write_catalog(rows: list[dict[str, str]], path: Path) -> Path:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def main() -> int:

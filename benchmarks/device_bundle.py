@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_eval import DATASETS, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED  # noqa: E402
+from train_eval import DATASETS, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED, write_catalog  # noqa: E402
 
 from engine.evaluate import sample_products  # noqa: E402
 
@@ -50,10 +50,7 @@ def copy_catalog(source: Path, out: Path, datasets: Path, copy_ids: set[str] | N
             if not target.exists():
                 shutil.copyfile(original, target)
             copied += 1
-    with out.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_catalog(rows, out)
     return copied
 
 

@@ -83,11 +83,16 @@ def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
         if not row["image"].startswith(("http://", "https://")):
             row["image"] = str((catalog.parent / row["image"]).resolve())
     reported = set(sample_products([r["product_id"] for r in rows], report_limit, 0))
-    with out.open("w", encoding="utf-8", newline="") as f:
+    return write_catalog([r for r in rows if r["product_id"] not in reported], out)
+
+
+def write_catalog(rows: list[dict[str, str]], path: Path) -> Path:
+    """`rows` as a CSV catalog, their keys as its header."""
+    with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(r for r in rows if r["product_id"] not in reported)
-    return out
+        writer.writerows(rows)
+    return path
 
 
 class ThumbnailExtractor:

@@ -19,7 +19,6 @@ the voters chosen by silhouette too ("+catB+shapeW", VSEARCH_SHAPE_WEIGHT=W).
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import sys
 import tempfile
@@ -27,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_eval import VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED, write_catalog  # noqa: E402 (same folder: the same sample)
+from train_eval import read_catalog_rows, validation_category_products, write_catalog  # noqa: E402 (same folder)
 
-from engine.evaluate import run_eval, sample_products  # noqa: E402
+from engine.evaluate import run_eval  # noqa: E402
 from engine.features import FeatureExtractor  # noqa: E402
 from engine.learned_whitening import matching_learned_whitening  # noqa: E402
 from engine.settings import card_index_settings  # noqa: E402
@@ -53,12 +52,8 @@ def main() -> int:
     methods += [f"{m}+cat{b:g}" for b in boosts for m in methods] + [
         f"{m}+cat{b:g}+shape{w:g}" for b in boosts for w in shapes for m in methods]
 
-    rows = list(csv.DictReader(args.categories.open(encoding="utf-8", newline="")))
-    for row in rows:  # image paths relative to the catalog, as the catalog reader resolves them
-        if not Path(row["image"]).is_absolute():
-            row["image"] = str((args.categories.parent / row["image"]).resolve())
-    choice = [r["product_id"] for r in csv.DictReader(args.choice.open(encoding="utf-8", newline=""))]
-    validation = set(sample_products(choice, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED))
+    rows = read_catalog_rows(args.categories)
+    validation = validation_category_products([r["product_id"] for r in read_catalog_rows(args.choice)])
     measured = [r for r in rows if r["product_id"] not in validation]
     random.Random(7).shuffle(measured)
     share = len(measured) // args.parts

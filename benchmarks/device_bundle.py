@@ -14,18 +14,20 @@ only the validation sample's images travel: `--products test` does not work from
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_eval import DATASETS, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED, write_catalog  # noqa: E402
-
-from engine.evaluate import sample_products  # noqa: E402
-
-REPORTED_CATEGORY_PRODUCTS = 1000  # train_eval.py's --categories-limit in the README's commands
+from train_eval import (  # noqa: E402
+    DATASETS,
+    REPORT_CATEGORY_PRODUCTS,
+    outside_report,
+    read_catalog_rows,
+    validation_category_products,
+    write_catalog,
+)
 
 
 def bundled_path(image: str, datasets: Path) -> str:
@@ -38,12 +40,10 @@ def bundled_path(image: str, datasets: Path) -> str:
 
 def copy_catalog(source: Path, out: Path, datasets: Path, copy_ids: set[str] | None = None) -> int:
     """`source` rewritten to `out` with bundled image paths; the images of `copy_ids` (all where None) copied."""
-    with source.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_catalog_rows(source)
     copied = 0
     for row in rows:
-        original = row["image"] if Path(row["image"]).is_absolute() else str(source.parent / row["image"])
-        row["image"] = bundled_path(original, datasets)
+        original, row["image"] = row["image"], bundled_path(row["image"], datasets)
         if copy_ids is None or row["product_id"] in copy_ids:
             target = out.parent / row["image"]
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +65,9 @@ def main() -> int:
     for train in args.train:
         out = args.out / f"{train.resolve().parent.name}.csv"
         print(f"{out}: {copy_catalog(train, out, args.datasets)} images")
-    with args.categories.open(encoding="utf-8", newline="") as fh:
-        ids = [row["product_id"] for row in csv.DictReader(fh)]
-    reported = set(sample_products(ids, REPORTED_CATEGORY_PRODUCTS, 0))
-    val = set(sample_products([p for p in ids if p not in reported], VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED))
+    ids = [row["product_id"] for row in read_catalog_rows(args.categories)]
+    choice = outside_report(ids, REPORT_CATEGORY_PRODUCTS)
+    val = validation_category_products([p for p in ids if p in choice])
     out = args.out / "categories_unseen.csv"
     print(f"{out}: {copy_catalog(args.categories, out, args.datasets, val)} images (the validation sample)")
     shutil.copytree(args.datasets / "shoes_multiview", args.out / "datasets" / "shoes_multiview", dirs_exist_ok=True)

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +52,7 @@ from engine.train import read_train_catalog, write_val_catalog  # noqa: E402
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 # --products val: category precision on this many products outside the report's sample, drawn with this seed.
 VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED = 500, 1
+REPORT_CATEGORY_PRODUCTS = 1000  # --categories-limit: the report's sample (seed 0)
 QUERY_METRICS = ("clean_r1", "clean_r5", "plain_r1", "plain_r5", "photo_r1", "photo_r5")
 
 
@@ -75,15 +77,33 @@ def search_latency(spec: str, localize: str, catalog_csv: Path, runs: int, seed:
     return float(np.median(times[2:]) * 1000)
 
 
-def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
-    """The products of `catalog` outside the report's seeded sample (run_eval's limit, seed 0); image paths
-    relative to `catalog`'s folder are written absolute, since `out` lies elsewhere."""
-    rows = list(csv.DictReader(catalog.open(encoding="utf-8", newline="")))
+def read_catalog_rows(catalog: Path) -> list[dict[str, str]]:
+    """A CSV catalog's rows, local image paths made absolute (relative ones are relative to its folder, as the
+    catalog reader takes them), so that the rows can be written elsewhere."""
+    with catalog.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
     for row in rows:
         if not row["image"].startswith(("http://", "https://")):
             row["image"] = str((catalog.parent / row["image"]).resolve())
-    reported = set(sample_products([r["product_id"] for r in rows], report_limit, 0))
-    return write_catalog([r for r in rows if r["product_id"] not in reported], out)
+    return rows
+
+
+def outside_report(product_ids: Sequence[str], report_limit: int) -> set[str]:
+    """The products outside the report's seeded sample (run_eval's limit, seed 0)."""
+    reported = set(sample_products(product_ids, report_limit, 0))
+    return {p for p in product_ids if p not in reported}
+
+
+def validation_category_products(choice_ids: Sequence[str]) -> set[str]:
+    """The category products `--products val` measures: run_eval's seeded draw from the choice catalog."""
+    return set(sample_products(choice_ids, VAL_CATEGORY_PRODUCTS, VAL_CATEGORY_SEED))
+
+
+def choice_categories(catalog: Path, report_limit: int, out: Path) -> Path:
+    """The products of `catalog` outside the report's seeded sample, written to `out` with absolute image paths."""
+    rows = read_catalog_rows(catalog)
+    kept = outside_report([r["product_id"] for r in rows], report_limit)
+    return write_catalog([r for r in rows if r["product_id"] in kept], out)
 
 
 def write_catalog(rows: list[dict[str, str]], path: Path) -> Path:
@@ -165,7 +185,7 @@ def main() -> int:
     parser.add_argument("--categories", type=Path, default=None,
                         help="catalog for category precision@5 (products not in the training catalog; default "
                         "DATASETS/shoes_categories/catalog.csv)")
-    parser.add_argument("--categories-limit", type=int, default=1000)
+    parser.add_argument("--categories-limit", type=int, default=REPORT_CATEGORY_PRODUCTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed-baseline", action="store_true", help="also the seed article's raw-feature method")
     parser.add_argument("--latency", type=int, default=30, help="timed searches per weights (0: skip)")

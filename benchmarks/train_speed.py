@@ -98,15 +98,19 @@ def main() -> int:
             row("augmentation only, 1 process (views)", 2 * n / (time.perf_counter() - start))
         if "loader" in sections:
             model, optimizer = training_model(args.size)
+
+            def step(batch: tuple[torch.Tensor, ...]) -> None:
+                a, b, mask_a, mask_b, _ = batch
+                train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), 0.1, "bf16")
+
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 for workers in (0, 1):
                     batches = iter(loader(dataset, args.batch, workers, 0, 1))
-                    a, b, mask_a, mask_b, _ = next(batches)
-                    train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), 0.1, "bf16")
+                    step(next(batches))  # warm-up
                     start, steps = time.perf_counter(), 0
-                    for a, b, mask_a, mask_b, _ in batches:
-                        train_step(model, optimizer, a, b, torch.cat([mask_a, mask_b]), 0.1, "bf16")
+                    for batch in batches:
+                        step(batch)
                         steps += 1
                     rate = 2 * args.batch * steps / (time.perf_counter() - start)
                     row(f"augment + train, bf16, {threads} thread(s), workers={workers}", rate)
